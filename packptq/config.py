@@ -1,0 +1,36 @@
+"""Typed, strict views of the config sections that packptq itself owns.
+
+Hydra composes plain YAML; each section is merged into its dataclass schema here, so an
+unknown key or a wrong type is an error before any compute, and range checks live in
+``__post_init__``."""
+from __future__ import annotations
+
+from typing import Any, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what to fix."""
+
+
+def typed(schema: Type[T], section: Any, where: str) -> T:
+    """Merge ``section`` (a DictConfig or dict) into the dataclass ``schema`` strictly and
+    return a dataclass instance. Unknown keys and bad types raise ConfigError naming ``where``."""
+    base = OmegaConf.structured(schema)
+    OmegaConf.set_struct(base, True)
+    try:
+        if section is not None:
+            if isinstance(section, DictConfig):
+                section = OmegaConf.to_container(section, resolve=True)
+            merged = OmegaConf.merge(base, section)
+        else:
+            merged = base
+        return OmegaConf.to_object(merged)  # runs __post_init__
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf's errors are verbose; keep the gist
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad '{where}' config: {msg}") from None

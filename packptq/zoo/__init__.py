@@ -1,0 +1,4 @@
+"""Model zoo: builders, checkpoint loading and block discovery."""
+from packptq.zoo.split import SPLIT_RULES, Split, SplitError, check_split, split_model
+
+__all__ = ["SPLIT_RULES", "Split", "SplitError", "check_split", "split_model"]
