@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import lightning as L
@@ -18,6 +19,10 @@ from packptq.config import ConfigError
 from packptq.registry import Registry
 
 DATASETS: Registry[type] = Registry("dataset")
+
+#: config keys that change how data is served, not which samples calibrate: left out of the
+#: fingerprint so a run moved to another machine (other path, more workers) still matches.
+RUNTIME_KEYS = ("batch_size", "num_workers", "path")
 
 
 @dataclass
@@ -84,12 +89,27 @@ class BaseDataModule(L.LightningDataModule):
         xs, ys = zip(*(self.train_set[i] for i in idx))
         return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
 
+    def source_desc(self) -> Any:
+        """What identifies the calibration samples themselves, beyond the config: for in-memory
+        tensor datasets a SHA-256 of the calibration rows (x and y bytes). Datasets served from
+        files override this (e.g. relative file names and sizes). JSON-serialisable."""
+        self.setup()
+        if not isinstance(self.train_set, TensorDataset):
+            return None
+        idx = self.calib_indices()
+        h = hashlib.sha256()
+        for t in self.train_set.tensors:
+            h.update(t[idx].contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def fingerprint(self) -> str:
-        """Hash of dataset, transform, calibration count, seed and the chosen indices."""
+        """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
+        chosen indices and ``source_desc()``; 16 hex characters."""
         desc = {
-            "cfg": asdict(self.cfg),
+            "cfg": {k: v for k, v in asdict(self.cfg).items() if k not in RUNTIME_KEYS},
             "transform": self.transform_desc,
             "calib_idx": self.calib_indices().tolist(),
+            "source": self.source_desc(),
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -110,6 +130,21 @@ class BaseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup()
         return self._loader(self.test_set, shuffle=False)
+
+
+def require_path(path: Optional[str], dataset: str, hint: str, kind: str = "any") -> Path:
+    """Check a user-given data path exists (``kind``: "any", "dir" or "file"), else raise one
+    ConfigError line naming the dataset and ``hint`` (how to set it). Returns the expanded Path."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"data.path is required for dataset '{dataset}': {hint}")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data.path={path} does not exist (dataset '{dataset}'): {hint}")
+    if kind == "dir" and not p.is_dir():
+        raise ConfigError(f"data.path={path} is a file; dataset '{dataset}' needs a folder: {hint}")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(f"data.path={path} is a folder; dataset '{dataset}' needs a file: {hint}")
+    return p
 
 
 def seeded_split(n: int, n_test: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
