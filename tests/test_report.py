@@ -1,0 +1,325 @@
+"""packptq.report on a fake result set, and the sweep launchers that produce such sets."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from packptq import report
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# (model, packing policy, mp policy, w_bits, bits per pack or None) -> top-1 per seed 0, 1, 2
+RUNS = {
+    ("resnet18", "hessian", "knapsack", 3, (2, 3, 4)): [60.0, 62.0, 67.0],
+    ("resnet18", "block", None, 4, None): [70.0, 71.0, 75.0],
+    ("deit_tiny", "hessian", "knapsack", 3, (3, 3, 4)): [50.0, 55.0, 51.5],
+}
+
+
+def result(model="resnet18", policy="hessian", mp=None, w_bits=4, bits=None, seed=0,
+           top1=70.0) -> dict:
+    """A results.json record following docs/architecture.md (top-1 in percent)."""
+    packs = [["layer1.0"], ["layer1.1", "layer2.0"], ["layer2.1"]]
+    return {
+        "model": model, "data": "cifar10", "seed": seed,
+        "quant": {"w_bits": w_bits, "a_bits": 4, "first_last_bits": 8,
+                  "act_placement": "input", "attn_prob": "uniform", "ln_reparam": False},
+        "packing": {"policy": policy, "loss": "kl"},
+        "mp": {"policy": mp, "avg_bits": w_bits if mp else None},
+        "fp_top1": 90.0, "rtn_top1": 10.0, "quant_top1": top1, "agreement": 80.0,
+        "w_bits_avg": float(w_bits), "a_bits_avg": 4.0, "size_bytes": 1000 * w_bits,
+        "units": packs, "packs": packs, "bits": bits, "scores": [1.0, 0.5, 2.0],
+        "time_s": {"scores": 1.5, "recon": 10.0, "eval": 0.5},
+        "calib_fingerprint": "abc", "overrides": [f"seed={seed}", f"model={model}"],
+        "config": {}, "run_dir": "/somewhere/else",
+    }
+
+
+def write(path: Path, record: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(record))
+    return path
+
+
+@pytest.fixture
+def multirun(tmp_path) -> Path:
+    """multirun/DATE/TIME/N/results.json, one sweep per seed."""
+    root = tmp_path / "multirun"
+    for seed in range(3):
+        sweep = root / "2025-01-01" / f"12-00-0{seed}"
+        for job, ((model, policy, mp, w_bits, bits), top1) in enumerate(RUNS.items()):
+            bits = list(bits) if bits else None
+            write(sweep / str(job), result(model, policy, mp, w_bits, bits, seed, top1[seed]))
+    return root
+
+
+def is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+# --------------------------------------------------------------------------- collect
+def test_collect_flattens_every_run(multirun):
+    df = report.collect([multirun])
+    assert len(df) == 9
+    row = df[(df.model == "resnet18") & (df.packing_policy == "hessian") & (df.seed == 1)].iloc[0]
+    assert (row.data, row.w_bits, row.a_bits, row.act_placement) == ("cifar10", 3, 4, "input")
+    assert (row.first_last_bits, row.attn_prob, row.ln_reparam) == (8, "uniform", False)
+    assert (row.packing_loss, row.mp_policy, row.mp_avg_bits) == ("kl", "knapsack", 3)
+    assert row.quant_top1 == 62.0 and row.size_bytes == 3000
+    assert row.n_packs == 3 and row.time_total_s == 12.0
+    assert json.loads(row.bits) == [2, 3, 4] and json.loads(row.pack_sizes) == [1, 2, 1]
+    assert row.overrides == "seed=1 model=resnet18"
+    # run_dir is where the file is now, not the path recorded when it was written
+    assert Path(row.run_dir) == (multirun / "2025-01-01" / "12-00-01" / "0").resolve()
+    assert df[df.packing_policy == "block"].bits.isna().all()
+
+
+def test_collect_counts_a_file_once_and_accepts_files(multirun):
+    one = multirun / "2025-01-01" / "12-00-00" / "0" / "results.json"
+    df = report.collect([multirun, multirun / "2025-01-01", one])
+    assert len(df) == 9
+    assert len(report.collect([one])) == 1
+
+
+def test_missing_keys_become_nan(tmp_path, multirun):
+    write(tmp_path / "old", {"model": "resnet18", "seed": 0, "quant_top1": 50.0})
+    df = report.collect([multirun, tmp_path / "old"])
+    old = df[df.run_dir == str((tmp_path / "old").resolve())].iloc[0]
+    assert old.quant_top1 == 50.0
+    for column in ("w_bits", "packing_policy", "mp_avg_bits", "fp_top1", "n_packs",
+                   "time_total_s", "bits"):
+        assert pd.isna(old[column]), column
+    summary = report.summarize(df)
+    assert len(summary) == 4  # the old run is a group of its own, not dropped
+    out = report.write_report(df, tmp_path / "report")
+    assert "50.00" in out["summary.md"].read_text()
+
+
+def test_unreadable_results_are_skipped(tmp_path, multirun):
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "results.json").write_text('{"model": ')
+    with pytest.warns(UserWarning, match="skipping unreadable"):
+        df = report.collect([multirun, tmp_path / "killed"])
+    assert len(df) == 9
+
+
+def test_no_results_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no readable results.json"):
+        report.collect([tmp_path / "empty"])
+    with pytest.raises(FileNotFoundError, match="no such"):
+        report.collect([tmp_path / "missing"])
+
+
+# --------------------------------------------------------------------------- summarize
+def test_summary_is_mean_and_sample_std_over_seeds(multirun):
+    summary = report.summarize(report.collect([multirun]))
+    assert len(summary) == len(RUNS)
+    assert not {"seed", "run_dir"} & set(summary.columns)
+    assert (summary.n_seeds == 3).all()
+    for (model, policy, *_), top1 in RUNS.items():
+        row = summary[(summary.model == model) & (summary.packing_policy == policy)].iloc[0]
+        assert row.quant_top1_mean == pytest.approx(statistics.mean(top1))
+        assert row.quant_top1_std == pytest.approx(statistics.stdev(top1))
+        assert row.fp_top1_std == pytest.approx(0.0)
+        assert row.time_total_s_mean == pytest.approx(12.0)
+
+
+def test_repeated_seed_in_a_group_warns(tmp_path):
+    write(tmp_path / "a", result(seed=0, top1=70.0))
+    write(tmp_path / "b", result(seed=0, top1=60.0))
+    with pytest.warns(UserWarning, match="repeated seeds"):
+        report.summarize(report.collect([tmp_path]))
+
+
+def test_markdown_cells(multirun):
+    md = report.to_markdown(report.summarize(report.collect([multirun])))
+    # constant config columns move to one line above the table
+    assert md.startswith("All rows: data=cifar10, a_bits=4,")
+    header = md.splitlines()[2]
+    assert "| model |" in header and "top-1 (%)" in header and "| data |" not in header
+    top1 = RUNS[("resnet18", "hessian", "knapsack", 3, (2, 3, 4))]
+    mean, std = statistics.mean(top1), statistics.stdev(top1)
+    assert f"{mean:.2f} ± {std:.2f}" in md
+    assert md.count("\n|") == 2 + len(RUNS)
+
+
+def test_single_seed_shows_mean_only(tmp_path):
+    write(tmp_path / "a", result(top1=70.0))
+    md = report.to_markdown(report.summarize(report.collect([tmp_path])))
+    assert "| 70.00 |" in md and "±" not in md
+
+
+# --------------------------------------------------------------------------- files
+def test_write_report_files(multirun, tmp_path):
+    df = report.collect([multirun])
+    out = report.write_report(df, tmp_path / "report")
+    assert set(out) == {"results.csv", "summary.csv", "summary.md", "top1_vs_bits.png",
+                        "bits_per_pack.png"}
+    results, summary = report.load_report(tmp_path / "report")
+    assert len(results) == 9 and len(summary) == len(RUNS)
+    assert "±" in out["summary.md"].read_text()
+    assert is_png(out["top1_vs_bits.png"]) and is_png(out["bits_per_pack.png"])
+    # the notebook plots from the CSVs: lists must survive the round trip
+    assert report.plot_bits_per_pack(results) is not None
+    assert report.plot_top1_vs_bits(summary) is not None
+
+
+def test_bits_per_pack_is_skipped_without_allocations(tmp_path, multirun):
+    report.write_report(report.collect([multirun]), tmp_path / "report")
+    write(tmp_path / "a", result(bits=None))
+    out = report.write_report(report.collect([tmp_path / "a"]), tmp_path / "report")
+    assert "bits_per_pack.png" not in out and is_png(out["top1_vs_bits.png"])
+    assert not (tmp_path / "report" / "bits_per_pack.png").exists()  # no stale plot
+
+
+def test_bits_per_pack_caps_panels(tmp_path):
+    for i in range(15):
+        write(tmp_path / str(i), result(bits=[2, 3, 4 + i]))
+    fig = report.plot_bits_per_pack(report.collect([tmp_path]), max_panels=6)
+    assert sum(ax.get_visible() for ax in fig.axes) == 6
+    assert "6 of 15" in fig._suptitle.get_text()
+
+
+def test_cli_main(multirun, tmp_path, capsys):
+    assert report.main([str(multirun)]) == 0
+    printed = capsys.readouterr().out
+    assert "±" in printed and "9 runs" in printed
+    assert is_png(multirun / "report" / "top1_vs_bits.png")
+    report.main([str(multirun), "--out", str(tmp_path / "elsewhere")])
+    assert (tmp_path / "elsewhere" / "summary.md").is_file()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no readable results.json"):
+        report.main([str(tmp_path / "empty")])
+
+
+# --------------------------------------------------------------------------- sweeps
+# The launcher configs (conf/hydra/launcher/) produce the multirun layout collect() reads;
+# they are checked against a small primary config so that they do not depend on the rest of
+# conf/, and against conf/config.yaml when it exists.
+APP = '''
+import json, os
+from pathlib import Path
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg):
+    out = Path(HydraConfig.get().runtime.output_dir)
+    record = {"model": "toy", "seed": cfg.seed, "quant_top1": 50.0 + cfg.seed,
+              "threads": cfg.threads, "overrides": list(HydraConfig.get().overrides.task),
+              "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")}}
+    (out / "results.json").write_text(json.dumps(record))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.fixture
+def app(tmp_path) -> Path:
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf" / "hydra", conf / "hydra")
+    # `threads` as conf/config.yaml has it: resolved inside the job, after env_set applies.
+    (conf / "config.yaml").write_text(
+        "defaults:\n  - _self_\nseed: 0\nthreads: ${oc.env:PACKPTQ_THREADS,null}\n")
+    (tmp_path / "app.py").write_text(APP)
+    return tmp_path
+
+
+def compose_launcher(conf: Path, overrides: list[str]) -> dict:
+    """``{"launcher": hydra.launcher, "env_set": hydra.job.env_set}``, resolved."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        # Not all of cfg.hydra resolves outside a run (hydra.job.num), so only these.
+        return {"launcher": OmegaConf.to_container(cfg.hydra.launcher, resolve=True),
+                "env_set": OmegaConf.to_container(cfg.hydra.job.env_set, resolve=True)}
+
+
+def test_local_sweep_runs_and_is_collected(app):
+    """A real two-job sweep through submitit's local executor."""
+    env = {k: v for k, v in os.environ.items() if k != "PACKPTQ_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, "app.py", "-m", "hydra/launcher=local", "seed=0,1"],
+        cwd=app, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(app.glob("multirun/*/*/*/results.json"))
+    assert len(files) == 2
+    record = json.loads(files[0].read_text())
+    assert record["env"] == {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    assert int(record["threads"]) == 1  # oc.env gives a string; a typed schema casts it
+    df = report.collect([app / "multirun"])
+    assert sorted(df.seed) == [0, 1] and sorted(df.overrides) == ["seed=0", "seed=1"]
+
+
+def test_local_launcher_config(app):
+    composed = compose_launcher(app / "conf", ["hydra/launcher=local",
+                                               "hydra.launcher.timeout_min=5"])
+    launcher = composed["launcher"]
+    assert launcher["_target_"].endswith("LocalLauncher")
+    assert (launcher["cpus_per_task"], launcher["tasks_per_node"]) == (1, 1)
+    assert launcher["timeout_min"] == 5
+    assert composed["env_set"]["OMP_NUM_THREADS"] == "1"
+    assert composed["env_set"]["PACKPTQ_THREADS"] == "1"  # read by `threads` in the config
+
+
+def test_slurm_launcher_reads_site_file(app, tmp_path, monkeypatch):
+    import submitit
+    from hydra.errors import ConfigCompositionException
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    launcher = compose_launcher(app / "conf", ["hydra/launcher=slurm"])["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher") and launcher["partition"] is None
+    for key in ("account", "gpus_per_node", "timeout_min", "mem_gb", "cpus_per_task",
+                "array_parallelism"):
+        assert key in launcher
+
+    (app / "conf" / "local").mkdir()
+    site = app / "conf" / "local" / "slurm.yaml"
+    site.write_text("partition: gpu\naccount: proj1\nadditional_parameters:\n  qos: high\n")
+    launcher = compose_launcher(app / "conf", ["hydra/launcher=slurm",
+                                               "hydra.launcher.mem_gb=8"])["launcher"]
+    assert (launcher["partition"], launcher["account"], launcher["mem_gb"]) == ("gpu", "proj1", 8)
+
+    # The sbatch script submitit would submit, built from these parameters the way the
+    # plugin does (schema keys as they are, the rest prefixed with the executor name).
+    # SlurmExecutor only checks that srun exists.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {k if k in base else f"slurm_{k}": v for k, v in launcher.items()
+              if k not in ("_target_", "submitit_folder", "max_num_timeout")}
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(**params)
+    script = executor._executor._make_submission_file_text("python -c pass", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --qos=high",
+                 "#SBATCH --mem=8GB", "#SBATCH --gpus-per-node=1",
+                 "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"):
+        assert line in script
+
+    site.write_text("partiton: gpu\n")  # a typo is an error, not a silent no-op
+    with pytest.raises(ConfigCompositionException, match="partiton"):
+        compose_launcher(app / "conf", ["hydra/launcher=slurm"])
+
+
+@pytest.mark.skipif(not (REPO / "conf" / "config.yaml").is_file(), reason="no conf/config.yaml")
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launchers_compose_with_repo_config(launcher):
+    composed = compose_launcher(REPO / "conf", [f"hydra/launcher={launcher}"])
+    assert composed["launcher"]["_target_"].lower().endswith(f"{launcher}launcher")
