@@ -8,6 +8,7 @@ Prefix and suffix are thin modules that call into the model at run time (they do
 copies), so replacing leaves of the model (BN folding, quantized layers) is seen by them."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from packptq.registry import Registry
 
-#: family name -> rule(model) -> Split or None (None: "not mine")
+#: family name -> rule(model) -> Split or None (None: "not mine"). A rule that needs to run the
+#: model declares a keyword ``example_input`` (a tensor or None) and receives it.
 SPLIT_RULES: Registry[Callable[[nn.Module], "Split | None"]] = Registry("model family")
 
 
@@ -61,33 +63,54 @@ class Split:
         return self.suffix(h)
 
 
-def split_model(model: nn.Module, family: str | None = None) -> Split:
-    """Split ``model`` with the rule of ``family`` (or the first rule that accepts it)."""
+def split_model(model: nn.Module, family: str | None = None,
+                example_input: torch.Tensor | None = None) -> Split:
+    """Split ``model`` with the rule of ``family`` (or, for ``None``/``"auto"``, the first rule
+    that accepts it, then ``generic``). ``example_input`` (a batch the model accepts, e.g.
+    ``[2, C, H, W]``) is optional: when given, the split is verified with ``check_split``; the
+    ``generic`` rule also uses it to trace the model (it guesses an input otherwise)."""
     if family is not None and family != "auto":
-        s = SPLIT_RULES.get(family)(model)
+        s = _call_rule(SPLIT_RULES.get(family), model, example_input)
         if s is None:
-            raise SplitError(f"model family rule '{family}' does not accept {type(model).__name__}")
-        s.family = family
-        return s
+            raise SplitError(f"model family rule '{family}' does not accept {type(model).__name__}; "
+                             f"use model.family=auto (known: {', '.join(SPLIT_RULES.names())})")
+        return _finish(model, s, family, example_input)
     tried = []
     for name, rule in SPLIT_RULES.items():
         if name == "generic":
             continue
-        s = rule(model)
+        s = _call_rule(rule, model, example_input)
         tried.append(name)
         if s is not None:
-            s.family = name
-            return s
+            return _finish(model, s, name, example_input)
     if "generic" in SPLIT_RULES:
-        s = SPLIT_RULES.get("generic")(model)
+        try:
+            s = _call_rule(SPLIT_RULES.get("generic"), model, example_input)
+        except SplitError as exc:
+            raise SplitError(f"no family rule accepts {type(model).__name__} (tried {tried}); {exc}") from None
         if s is not None:
-            s.family = "generic"
-            return s
+            return _finish(model, s, "generic", example_input)
     children = ", ".join(f"{n}:{type(m).__name__}" for n, m in model.named_children())
     raise SplitError(
         f"cannot split {type(model).__name__} into prefix/blocks/suffix; tried rules {tried}; "
         f"its top-level children are [{children}]"
     )
+
+
+def _call_rule(rule: Callable, model: nn.Module, example_input: torch.Tensor | None) -> "Split | None":
+    # Rules that trace the model (generic) take the example input; the structural ones do not.
+    if "example_input" in inspect.signature(rule).parameters:
+        return rule(model, example_input=example_input)
+    return rule(model)
+
+
+def _finish(model: nn.Module, s: Split, family: str, example_input: torch.Tensor | None) -> Split:
+    s.family = family
+    if not s.blocks:
+        raise SplitError(f"rule '{family}' found no blocks in {type(model).__name__}")
+    if example_input is not None:
+        check_split(model, s, example_input)
+    return s
 
 
 @torch.no_grad()
@@ -113,30 +136,49 @@ def _seq(names: List[str]) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     return run
 
 
+def _present(model: nn.Module, names: List[str]) -> List[str]:
+    """The names in ``names`` that are submodules of ``model`` (optional parts of a layout)."""
+    out = []
+    for n in names:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            continue
+        out.append(n)
+    return out
+
+
+def _head(model: nn.Module, names: List[str], before: List[str] = ()) -> Fn:
+    """Suffix: the modules ``before`` in order, then the model's own ``forward_head``."""
+    run = _seq(list(before))
+    return Fn(model, lambda m, x: m.forward_head(run(m, x)), list(before) + _present(model, names))
+
+
 @SPLIT_RULES.register("resnet")
 def _resnet(model: nn.Module) -> Split | None:
-    if not all(hasattr(model, a) for a in ("conv1", "layer1", "layer4", "fc")):
+    """timm ResNet/ResNet-D: stem conv1..maxpool; blocks layer{1-4}.{i} (basic or bottleneck)."""
+    if not all(hasattr(model, a) for a in ("conv1", "layer1", "layer4", "fc", "forward_head")):
         return None
-    stem = [n for n in ("conv1", "bn1", "act1", "maxpool") if hasattr(model, n)]
+    stem = _present(model, ["conv1", "bn1", "act1", "maxpool"])
     blocks = [(f"{layer}.{i}", b) for layer in ("layer1", "layer2", "layer3", "layer4")
               for i, b in enumerate(getattr(model, layer))]
-    return Split(Fn(model, _seq(stem), stem), blocks,
-                 Fn(model, lambda m, x: m.forward_head(x), ["global_pool", "fc"]))
+    return Split(Fn(model, _seq(stem), stem), blocks, _head(model, ["global_pool", "fc"]))
 
 
 @SPLIT_RULES.register("vit")
 def _vit(model: nn.Module) -> Split | None:
-    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "_pos_embed")
-            and hasattr(model, "norm_pre")):
+    """timm VisionTransformer (ViT, DeiT, DeiT distilled): patch embedding + tokens + position
+    embedding as prefix; blocks.{i}; final norm + pooling + head as suffix."""
+    if not (hasattr(model, "patch_embed") and isinstance(getattr(model, "blocks", None), nn.Sequential)
+            and hasattr(model, "_pos_embed") and hasattr(model, "norm_pre") and hasattr(model, "forward_head")):
         return None
 
     def prefix(m, x):
         x = m.patch_embed(x)
-        x = m._pos_embed(x)
+        x = m._pos_embed(x)  # class/register tokens and position embedding (model parameters)
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
     blocks = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
-    head = [n for n in ("norm", "fc_norm", "head") if hasattr(model, n)]
-    return Split(Fn(model, prefix, ["patch_embed"]), blocks,
-                 Fn(model, lambda m, x: m.forward_head(m.norm(x)), head))
+    return Split(Fn(model, prefix, _present(model, ["patch_embed", "pos_drop", "patch_drop", "norm_pre"])),
+                 blocks, _head(model, ["attn_pool", "fc_norm", "head_drop", "head", "head_dist"], before=["norm"]))
