@@ -27,6 +27,7 @@ class ModelConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     # FP pre-training when neither a checkpoint nor pretrained weights are given
     train_epochs: int = 6
+    train_batch_size: int = 64
     train_lr: float = 2e-3
     train_wd: float = 0.05
 

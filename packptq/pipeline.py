@@ -1,0 +1,430 @@
+"""The phases of a packptq run, in order, each writing its artifact in the run directory and
+skipped when that artifact is already there (resume):
+
+fp (train or load the FP model) -> calibrate (quantizers, RTN accuracy) -> score (block
+importance) -> pack -> bits (mixed precision) -> recon (unit by unit, ``unit_XX.pt``) -> eval
+(``results.json``)."""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from packptq.artifacts import RunDir, hash_obj
+from packptq.config import ConfigError, typed
+from packptq.data import build_datamodule
+from packptq.packing import PackingConfig, hessian_scores, make_packs
+from packptq.quant import (QuantConfig, QuantLayer, act_quantizers, calibrate, freeze, quant_layers,
+                           quantize_model, set_quant_state)
+from packptq.quant.convert import execution_order, fold_bn
+from packptq.reconstruct import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.train_fp import predict, top1, train_or_load
+from packptq.zoo import check_split, split_model
+from packptq.zoo.build import ModelConfig, build_model
+
+#: config keys that do not change results (excluded from the resume fingerprint)
+VOLATILE = ("logger", "trainer", "threads", "progress", "run_dir", "cache_dir", "hydra")
+
+
+@dataclass
+class Unit:
+    key: str  # e.g. prefix_00, pack_03, layer_12, suffix_00 (the logging namespace)
+    segment: str  # prefix | blocks | suffix
+    blocks: List[int]  # block indices the unit spans (the block holding a layer unit)
+    layer: Optional[str] = None  # dotted QuantLayer name for layer units
+    names: List[str] = field(default_factory=list)  # module names trained in this unit
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.times: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _device(trainer_cfg) -> torch.device:
+    acc = str((trainer_cfg or {}).get("accelerator", "auto"))
+    return torch.device("cuda") if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def forward_all(fn: Callable, x: torch.Tensor, bs: int, device: torch.device) -> torch.Tensor:
+    """fn over x [n, ...] in batches on ``device``; the result [n, ...] on the CPU."""
+    return torch.cat([fn(x[i:i + bs].to(device)).cpu() for i in range(0, len(x), bs)])
+
+
+@torch.no_grad()
+def capture(fn: Callable, x: torch.Tensor, module: nn.Module, bs: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, outputs) of ``module`` while ``fn`` runs over x, on the CPU."""
+    ins, outs = [], []
+
+    def hook(_m, i, o):  # clone: later in-place ops (ReLU(inplace=True)) would alter them
+        ins.append(i[0].detach().clone().cpu())
+        outs.append(o.detach().clone().cpu())
+
+    h = module.register_forward_hook(hook)
+    try:
+        for i in range(0, len(x), bs):
+            fn(x[i:i + bs].to(device))
+    finally:
+        h.remove()
+    return torch.cat(ins), torch.cat(outs)
+
+
+class _Chain(nn.Sequential):
+    """Consecutive blocks run as one unit (a pack)."""
+
+
+def _channel_dim(unit_module: nn.Module) -> int:
+    layers = [m for m in unit_module.modules() if isinstance(m, QuantLayer)]
+    return -1 if layers and isinstance(layers[-1].layer, nn.Linear) else 1
+
+
+def unit_state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def load_unit_state(module: nn.Module, sd: dict) -> None:
+    """Restore a reconstructed unit (creating its AdaRound variables first) and freeze it."""
+    for name, m in module.named_modules():
+        key = f"{name}.alpha" if name else "alpha"
+        if hasattr(m, "init_adaround") and key in sd:
+            m.alpha = nn.Parameter(torch.zeros_like(sd[key]), requires_grad=False)
+            m.mode = "hard"
+    module.load_state_dict(sd)
+    freeze(module)
+
+
+def bit_accounting(qmodel: nn.Module) -> dict:
+    """Average weight bits (weighted by weight count), average activation bits (weighted by
+    activation elements per sample) and model size in bytes (weights at their bits, fp32 scale
+    and an 8-bit zero point per output channel, fp32 bias)."""
+    n_w = bits_w = size = 0
+    for _, m in quant_layers(qmodel):
+        w = m.layer.weight
+        n_w += w.numel()
+        bits_w += w.numel() * m.wq.bits
+        size += (w.numel() * m.wq.bits + 7) // 8 + w.shape[0] * 5
+        if m.layer.bias is not None:
+            size += m.layer.bias.numel() * 4
+    n_a = bits_a = 0
+    for _, a in act_quantizers(qmodel):
+        e = int(a.elems_per_sample)
+        n_a += e
+        bits_a += e * a.bits
+    return {"w_bits_avg": bits_w / max(n_w, 1), "a_bits_avg": bits_a / max(n_a, 1) if n_a else None,
+            "size_bytes": int(size), "n_weights": int(n_w)}
+
+
+def plan_units(policy: str, packs: List[List[int]], prefix_layers: List[str], block_layers: List[List[str]],
+               suffix_layers: List[str], block_names: List[str]) -> List[Unit]:
+    """Reconstruction order: prefix layers one by one, packs (or every layer for `layer`) in
+    order, suffix layers one by one. `none` reconstructs nothing."""
+    if policy == "none":
+        return []
+    units = [Unit(f"prefix_{i:02d}", "prefix", [], n, [n]) for i, n in enumerate(prefix_layers)]
+    if policy == "layer":
+        k = 0
+        for b, layers in enumerate(block_layers):
+            for n in layers:
+                units.append(Unit(f"layer_{k:02d}", "blocks", [b], n, [n]))
+                k += 1
+    else:
+        for j, p in enumerate(packs):
+            units.append(Unit(f"pack_{j:02d}", "blocks", list(p), None, [block_names[b] for b in p]))
+    units += [Unit(f"suffix_{i:02d}", "suffix", [], n, [n]) for i, n in enumerate(suffix_layers)]
+    return units
+
+
+def layer_groups(qmodel: nn.Module, qsplit, x: torch.Tensor) -> Tuple[List[str], List[List[str]], List[str]]:
+    """QuantLayer names of the prefix, of each block, and of the suffix, in execution order."""
+    order = execution_order(qmodel, x)
+    prefixes = [n + "." for n in qsplit.block_names]
+    block_layers = [[o for o in order if o.startswith(p)] for p in prefixes]
+    inside = {o for bl in block_layers for o in bl}
+    outside = [o for o in order if o not in inside]
+    with torch.no_grad():
+        pre_order = execution_order(_Runner(qsplit.prefix, qmodel), x)
+    prefix_layers = [o for o in outside if o in pre_order]
+    suffix_layers = [o for o in outside if o not in pre_order]
+    return prefix_layers, block_layers, suffix_layers
+
+
+class _Runner(nn.Module):
+    """Exposes ``model``'s modules by name while running only ``fn`` (for hook discovery)."""
+
+    def __init__(self, fn: Callable, model: nn.Module) -> None:
+        super().__init__()
+        self.fn, self.model = fn, model
+
+    def named_modules(self, *a, **k):
+        return self.model.named_modules(*a, **k)
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _quantize_target(qcfg: QuantConfig) -> dict:
+    return {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
+                                          "a_range", "attn_prob", "quant_attn", "ln_reparam")}
+
+
+def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
+    """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
+    timer = Timer()
+    seed = int(cfg.seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    progress = bool(cfg.get("progress", True))
+    # -- validate every section before any heavy work ---------------------------------------
+    qcfg = typed(QuantConfig, cfg.quant, "quant")
+    rcfg = typed(ReconConfig, cfg.recon, "recon")
+    pcfg = typed(PackingConfig, cfg.packing, "packing")
+    mcfg = typed(ModelConfig, cfg.model, "model")
+    mp_plan = _mp_setup(cfg, qcfg)
+    dm = build_datamodule(cfg.data)
+    meta = dm.meta()
+    rd = RunDir(cfg.run_dir)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
+    trainer_kwargs.pop("_target_", None)
+    device = _device(trainer_kwargs)
+    eval_bs = int(cfg.data.get("batch_size", 256))
+
+    with timer.phase("fp"):
+        model = build_model(mcfg, meta)
+        dm.attach_model(model)
+        dm.setup()
+        x_cal, y_cal = dm.calib_tensors()
+        split = split_model(model, mcfg.family)
+        check_split(model, split, x_cal[:2], atol=1e-4)
+        calib_fp = dm.fingerprint()
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        resumed = rd.guard(hash_obj(cfg_dict, VOLATILE), calib_fp)
+        if not (mcfg.checkpoint or mcfg.pretrained):
+            model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, seed, Path(cfg.cache_dir), trainer_kwargs)
+        model.to(device).eval()
+        if rd.has("fp.json"):
+            fp_top1 = rd.read_json("fp.json")["fp_top1"]
+            fp_preds = torch.tensor(rd.read_json("fp.json")["preds"])
+        else:
+            fp_preds, labels = predict(model, dm.test_dataloader(), device)
+            fp_top1 = top1(fp_preds, labels, meta["num_classes"])
+            rd.write_json("fp.json", {"fp_top1": fp_top1, "preds": fp_preds.tolist()})
+        _log(logger, {"eval/fp_top1": fp_top1})
+    print(f"[packptq] {mcfg.name} on {dm.cfg.name}: FP top-1 {fp_top1:.2f}%  ({'resuming ' if resumed else ''}run dir {rd.path})")
+
+    with timer.phase("calibrate"):
+        fp_ref = copy.deepcopy(model).eval()
+        fold_bn(fp_ref)  # the reconstruction targets use the same folded weights
+        qmodel = copy.deepcopy(model)
+        quantize_model(qmodel, qcfg, x_cal[:2].to(device))
+        qsplit, fsplit = split_model(qmodel, split.family), split_model(fp_ref, split.family)
+        torch.manual_seed(seed)
+        calibrate(qmodel, x_cal, batch_size=eval_bs, method=qcfg.a_range)
+        prefix_layers, block_layers, suffix_layers = layer_groups(qmodel, qsplit, x_cal[:2].to(device))
+        rtn = _cached_eval(rd, "rtn.json", qmodel, dm, device, fp_preds, meta)
+        rd.save_pt("calib.pt", unit_state(qmodel))
+    print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
+
+    scores = None
+    if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):
+        with timer.phase("score"):
+            key = f"scores_{pcfg.loss}.json"
+            if rd.has(key):
+                scores = rd.read_json(key)
+            else:
+                scores = hessian_scores(fsplit, qsplit, x_cal.to(device), y_cal.to(device), pcfg.loss,
+                                        batch_size=min(eval_bs, 128), progress=progress)
+                rd.write_json(key, scores)
+            rd.write_json("scores.json", scores)
+            _log_table(logger, "packing/scores", ["block", "S", "omega"],
+                       [[n, s, o] for n, s, o in zip(scores["names"], scores["S"], scores["omega"])])
+
+    with timer.phase("pack"):
+        names = qsplit.block_names
+        packs = make_packs(pcfg, names, scores["S"] if scores else None, seed)
+        if not packs and pcfg.policy != "none":
+            packs = [[i] for i in range(len(names))]
+        rd.write_json("packs.json", {"policy": pcfg.policy, "packs": [[names[i] for i in p] for p in packs]})
+        _log_table(logger, "packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)] for j, p in enumerate(packs)])
+
+    with timer.phase("bits"):
+        pack_bits = None
+        if mp_plan is not None:
+            pack_bits = mp_plan.allocate(rd, qmodel, qsplit, fsplit, packs, scores, x_cal, device, block_layers,
+                                         prefix_layers, suffix_layers)
+        acct = bit_accounting(qmodel)
+
+    units = plan_units(pcfg.policy, packs, prefix_layers, block_layers, suffix_layers, names)
+    with timer.phase("recon"):
+        unit_losses = _reconstruct(units, qmodel, fp_ref, qsplit, fsplit, x_cal, rcfg, rd, seed, device,
+                                   trainer_kwargs, logger, progress)
+
+    with timer.phase("eval"):
+        final_preds, labels = predict(qmodel, dm.test_dataloader(), device)
+        quant_top1 = top1(final_preds, labels, meta["num_classes"])
+        agreement = float((final_preds == fp_preds).float().mean()) * 100.0
+    results = {
+        "model": mcfg.name, "data": dm.cfg.name, "seed": seed,
+        "quant": _quantize_target(qcfg),
+        "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
+        "mp": mp_plan.describe() if mp_plan is not None else {"policy": "none"},
+        "fp_top1": fp_top1, "rtn_top1": rtn["top1"], "quant_top1": quant_top1, "agreement": agreement,
+        "rtn_agreement": rtn["agreement"],
+        **acct,
+        "units": [u.names for u in units], "unit_keys": [u.key for u in units],
+        "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
+        "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
+        "recon_loss": {k: [v[0], v[-1]] for k, v in unit_losses.items() if v},
+        "time_s": timer.times, "calib_fingerprint": calib_fp, "calib_size": len(x_cal),
+        "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
+    }
+    rd.write_json("results.json", results)
+    _log(logger, {"eval/quant_top1": quant_top1, "eval/rtn_top1": rtn["top1"], "eval/agreement": agreement,
+                  "eval/w_bits_avg": acct["w_bits_avg"], "eval/a_bits_avg": acct["a_bits_avg"] or 0.0,
+                  "eval/size_bytes": acct["size_bytes"]})
+    print_table(results)
+    return results
+
+
+def _mp_setup(cfg, qcfg):
+    if cfg.get("mp") is None or cfg.mp.get("policy", "none") == "none":
+        return None
+    from packptq import mixed  # the pipeline side of mixed precision
+
+    return mixed.plan(cfg.mp, qcfg)
+
+
+def _cached_eval(rd: RunDir, name: str, qmodel, dm, device, fp_preds, meta) -> dict:
+    if rd.has(name):
+        return rd.read_json(name)
+    preds, labels = predict(qmodel, dm.test_dataloader(), device)
+    out = {"top1": top1(preds, labels, meta["num_classes"]), "agreement": float((preds == fp_preds).float().mean()) * 100}
+    rd.write_json(name, out)
+    return out
+
+
+def _reconstruct(units, qmodel, fp_ref, qsplit, fsplit, x, rcfg, rd, seed, device, trainer_kwargs, logger, progress):
+    """Sequential reconstruction: keep the quantized-model and FP activations at the current
+    position over the calibration set, fit each unit from its cache, freeze it, advance."""
+    losses: Dict[str, List[float]] = {}
+    if not units:
+        return losses
+    bs = 256
+    q_h, f_h = x, x
+    qblocks, fblocks = [b for _, b in qsplit.blocks], [b for _, b in fsplit.blocks]
+    bar = tqdm(total=len(units), desc="reconstruct", disable=not progress)
+    step_offset = 0
+
+    def fit(i: int, u: Unit, module: nn.Module, cache_fn: Callable[[], ActivationCache]):
+        nonlocal step_offset
+        name = f"unit_{i:02d}.pt"
+        bar.set_postfix_str(u.key)
+        if rd.has(name):
+            load_unit_state(module, rd.load_pt(name))
+        else:
+            cache = cache_fn()
+            ls = reconstruct_unit(module, cache, rcfg, u.key, seed * 1000 + i, _channel_dim(module),
+                                  trainer_kwargs, logger, step_offset)
+            losses[u.key] = ls
+            del cache
+            module.to(device)
+            rd.save_pt(name, unit_state(module))
+            rd.write_json(f"unit_{i:02d}.json", {"key": u.key, "names": u.names, "loss": ls[:: max(1, len(ls) // 50)]})
+        step_offset += rcfg.iters
+        bar.update(1)
+
+    qmodel.to(device)
+    fp_ref.to(device)
+    i = 0
+    # prefix layers
+    while i < len(units) and units[i].segment == "prefix":
+        u = units[i]
+        ql, fl = qmodel.get_submodule(u.layer), fp_ref.get_submodule(u.layer)
+        fit(i, u, ql, lambda: _layer_cache(qsplit.prefix, fsplit.prefix, ql, fl, q_h, f_h, bs, device, rcfg))
+        i += 1
+    q_h, f_h = forward_all(qsplit.prefix, q_h, bs, device), forward_all(fsplit.prefix, f_h, bs, device)
+    # blocks: packs, or the layers of each block
+    while i < len(units) and units[i].segment == "blocks":
+        u = units[i]
+        span = u.blocks
+        if u.layer is None:
+            chain_q = _Chain(*[qblocks[b] for b in span])
+            chain_f = _Chain(*[fblocks[b] for b in span])
+            f_out = None
+
+            def pack_cache():
+                nonlocal f_out
+                f_out = forward_all(chain_f, f_h, bs, device)
+                return ActivationCache(q_h, f_h, f_out, rcfg.cache_dtype)
+
+            fit(i, u, chain_q, pack_cache)
+            i += 1
+        else:
+            b = span[0]
+            while i < len(units) and units[i].segment == "blocks" and units[i].blocks == [b]:
+                uu = units[i]
+                ql, fl = qmodel.get_submodule(uu.layer), fp_ref.get_submodule(uu.layer)
+                fit(i, uu, ql, lambda: _layer_cache(qblocks[b], fblocks[b], ql, fl, q_h, f_h, bs, device, rcfg))
+                i += 1
+            chain_q, chain_f, f_out = qblocks[b], fblocks[b], None
+        q_h = forward_all(chain_q, q_h, bs, device)
+        f_h = f_out if f_out is not None else forward_all(chain_f, f_h, bs, device)
+    # suffix layers
+    while i < len(units):
+        u = units[i]
+        ql, fl = qmodel.get_submodule(u.layer), fp_ref.get_submodule(u.layer)
+        fit(i, u, ql, lambda: _layer_cache(qsplit.suffix, fsplit.suffix, ql, fl, q_h, f_h, bs, device, rcfg))
+        i += 1
+    bar.close()
+    qmodel.eval()
+    return losses
+
+
+def _layer_cache(q_fn, f_fn, qlayer, flayer, q_h, f_h, bs, device, rcfg) -> ActivationCache:
+    q_in, _ = capture(q_fn, q_h, qlayer, bs, device)
+    f_in, f_out = capture(f_fn, f_h, flayer, bs, device)
+    return ActivationCache(q_in, f_in, f_out, rcfg.cache_dtype)
+
+
+def _log(logger, metrics: dict) -> None:
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
+
+
+def _log_table(logger, key: str, columns: List[str], rows: List[list]) -> None:
+    if logger is not None and hasattr(logger, "log_table"):
+        try:
+            logger.log_table(key=key, columns=columns, data=rows)
+        except Exception:  # tables are a nicety; never fail a run on them
+            pass
+
+
+def print_table(r: dict) -> None:
+    q = r["quant"]
+    rows = [
+        ("model / data", f"{r['model']} / {r['data']} (seed {r['seed']})"),
+        ("quantization", f"W{q['w_bits']}A{q['a_bits']}, first/last {q['first_last_bits']}, acts at layer {q['act_placement']}s"),
+        ("packing", f"{r['packing']['policy']} ({len(r['units'])} units, {len(r['packs'])} packs)"),
+        ("FP top-1", f"{r['fp_top1']:.2f}%"),
+        ("RTN top-1 (init only)", f"{r['rtn_top1']:.2f}%"),
+        ("quantized top-1", f"{r['quant_top1']:.2f}%  (agreement with FP {r['agreement']:.1f}%)"),
+        ("avg weight / act bits", f"{r['w_bits_avg']:.3f} / {r['a_bits_avg'] if r['a_bits_avg'] is None else round(r['a_bits_avg'], 3)}"),
+        ("size", f"{r['size_bytes'] / 1024:.1f} KiB"),
+    ] + [(f"time {k}", f"{v:.1f} s") for k, v in r["time_s"].items()]
+    w = max(len(a) for a, _ in rows)
+    print("\n".join(f"  {a.ljust(w)}  {b}" for a, b in rows))

@@ -1,0 +1,12 @@
+"""Quantizers, quantized modules and model conversion."""
+from packptq.quant.convert import (QuantConfig, act_quantizers, calibrate, fold_bn, freeze,
+                                   quant_layers, quantize_model, set_quant_state, weight_quantizers)
+from packptq.quant.modules import QAttention, QuantLayer
+from packptq.quant.quantizer import (ActQuantizer, LogSqrt2Quantizer, UniformQuantizer,
+                                     WeightQuantizer, search_range)
+
+__all__ = [
+    "QuantConfig", "act_quantizers", "calibrate", "fold_bn", "freeze", "quant_layers", "quantize_model",
+    "set_quant_state", "weight_quantizers", "QAttention", "QuantLayer", "ActQuantizer",
+    "LogSqrt2Quantizer", "UniformQuantizer", "WeightQuantizer", "search_range",
+]
