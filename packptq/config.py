@@ -24,7 +24,14 @@ def typed(schema: Type[T], section: Any, where: str) -> T:
     try:
         if section is not None:
             if isinstance(section, DictConfig):
+                missing = sorted(OmegaConf.missing_keys(section))
+                if missing:
+                    raise ConfigError(f"'{where}' config needs a value for {missing} (e.g. {where}.{missing[0]}=...)")
                 section = OmegaConf.to_container(section, resolve=True)
+            # free-form dict fields (e.g. model.kwargs) accept any keys; the rest stays strict
+            for key, value in list(base.items()) if isinstance(section, dict) else []:
+                if isinstance(value, DictConfig) and key in section:
+                    OmegaConf.set_struct(base[key], False)
             merged = OmegaConf.merge(base, section)
         else:
             merged = base

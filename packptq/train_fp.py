@@ -37,7 +37,8 @@ def fp_cache_key(model_cfg, data_cfg, seed: int) -> str:
     desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "seed": seed, "v": 1}
     for k in ("checkpoint", "pretrained"):
         desc["model"].pop(k, None)
-    desc["data"].pop("calib_size", None)  # calibration choice does not change the FP model
+    desc["data"].pop("calib_size", None)
+    desc["data"].pop("calib_seed", None)  # calibration choice does not change the FP model
     desc["data"].pop("num_workers", None)
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{model_cfg.name}-{data_cfg.name}-{h}"

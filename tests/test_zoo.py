@@ -272,14 +272,10 @@ def test_every_listed_model_has_a_config():
     assert want <= set(MODEL_YAMLS)
 
 
-@pytest.mark.xfail(reason="packptq.config.typed puts ModelConfig.kwargs in struct mode, so any "
-                          "constructor argument is rejected (owner: config)", strict=False)
 def test_model_kwargs_pass_typed():
     assert typed(ModelConfig, {"kwargs": {"drop_path_rate": 0.1}}, "model").kwargs == {"drop_path_rate": 0.1}
 
 
-@pytest.mark.xfail(reason="typed() merges '???' over the dataclass default, so `model=timm` without "
-                          "model.name silently builds resnet18 (owner: config)", strict=False)
 def test_timm_config_needs_a_name():
     with pytest.raises(ConfigError):
         model_cfg("timm")

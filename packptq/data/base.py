@@ -31,7 +31,8 @@ class DataConfig:
     calib_size: int = 256
     batch_size: int = 256  # evaluation / FP-training batch
     num_workers: int = 0
-    seed: int = 0  # split and calibration seed
+    seed: int = 0  # split seed (and calibration seed when calib_seed is null)
+    calib_seed: Optional[int] = None  # which training samples calibrate; the configs use ${seed}
 
     def __post_init__(self) -> None:
         if self.calib_size < 1:
@@ -79,7 +80,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def calib_indices(self) -> torch.Tensor:
         self.setup()
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        g = torch.Generator().manual_seed(self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed)
         return torch.randperm(len(self.train_set), generator=g)[: self.cfg.calib_size]
 
     def calib_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
