@@ -88,7 +88,7 @@ def test_yaml_composes_into_its_config(name, tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    overrides = [f"+data={name}"]
+    overrides = [f"+data={name}", "+seed=0"]  # data yamls read calib_seed: ${seed}
     if name == "npz":
         overrides.append(f"data.path={write_npz(tmp_path / 'd.npz')}")
     elif name == "imagefolder":
@@ -111,7 +111,7 @@ def test_imagenet_without_path_says_how_to_set_it(monkeypatch):
 
     monkeypatch.delenv("IMAGENET_DIR", raising=False)
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
-        cfg = compose(overrides=["+data=imagenet"])
+        cfg = compose(overrides=["+data=imagenet", "+seed=0"])
     raises_one_line("set IMAGENET_DIR or data.path", lambda: build_datamodule(cfg.data))
 
 
@@ -312,7 +312,7 @@ def test_imagenet_reads_the_env_path(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
-        cfg = compose(overrides=["+data=imagenet", "data.calib_size=3"])
+        cfg = compose(overrides=["+data=imagenet", "data.calib_size=3", "+seed=0"])
     d = build_datamodule(cfg.data)
     assert d.cfg.batch_size == 64 and d.meta()["num_classes"] == 3
     assert d.calib_tensors()[0].shape == (3, 3, 224, 224)
