@@ -187,8 +187,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
     timer = Timer()
     seed = int(cfg.seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    _set_threads(cfg.get("threads"))
     progress = bool(cfg.get("progress", True))
     # -- validate every section before any heavy work ---------------------------------------
     qcfg = typed(QuantConfig, cfg.quant, "quant")
@@ -299,6 +298,20 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
                   "eval/size_bytes": acct["size_bytes"]})
     print_table(results)
     return results
+
+
+def _set_threads(threads) -> None:
+    """Torch threads: the config's, else one per job under submitit's local executor (jobs of a
+    sweep run side by side), else the SLURM allocation's CPUs, else torch's default."""
+    import os
+
+    if threads in (None, "", "null"):
+        if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+            threads = 1
+        else:
+            threads = os.environ.get("SLURM_CPUS_PER_TASK")
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 def _mp_setup(cfg, qcfg):
