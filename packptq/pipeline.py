@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from packptq import precision
 from packptq.artifacts import RunDir, hash_obj
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
@@ -110,24 +111,21 @@ def load_unit_state(module: nn.Module, sd: dict) -> None:
 
 
 def bit_accounting(qmodel: nn.Module) -> dict:
-    """Average weight bits (weighted by weight count), average activation bits (weighted by
-    activation elements per sample) and model size in bytes (weights at their bits, fp32 scale
-    and an 8-bit zero point per output channel, fp32 bias)."""
-    n_w = bits_w = size = 0
-    for _, m in quant_layers(qmodel):
-        w = m.layer.weight
-        n_w += w.numel()
-        bits_w += w.numel() * m.wq.bits
-        size += (w.numel() * m.wq.bits + 7) // 8 + w.shape[0] * 5
-        if m.layer.bias is not None:
-            size += m.layer.bias.numel() * 4
-    n_a = bits_a = 0
-    for _, a in act_quantizers(qmodel):
-        e = int(a.elems_per_sample)
-        n_a += e
-        bits_a += e * a.bits
-    return {"w_bits_avg": bits_w / max(n_w, 1), "a_bits_avg": bits_a / max(n_a, 1) if n_a else None,
-            "size_bytes": int(size), "n_weights": int(n_w)}
+    """Accounting over every QuantLayer of ``qmodel`` at its current bits (precision.py's
+    helpers): ``w_bits_avg`` bits per weight, weighted by weight count; ``a_bits_avg`` bits per
+    activation element, weighted by each enabled activation quantizer's elements per sample
+    (None before calibration); ``size_bytes`` (``model_size_bytes``: packed weights, an fp32
+    scale and an 8-bit zero point per output channel, fp32 bias); ``n_weights``."""
+    layers = [m for _, m in quant_layers(qmodel)]
+    counts = [int(m.layer.weight.numel()) for m in layers]
+    acts = [(int(a.elems_per_sample), a.bits) for _, a in act_quantizers(qmodel) if int(a.elems_per_sample) > 0]
+    return {
+        "w_bits_avg": precision.avg_weight_bits(counts, [m.wq.bits for m in layers]),
+        "a_bits_avg": precision.avg_act_bits([e for e, _ in acts], [b for _, b in acts]) if acts else None,
+        "size_bytes": precision.model_size_bytes([(n, m.wq.bits, m.layer.weight.shape[0], m.layer.bias is not None)
+                                                  for n, m in zip(counts, layers)]),
+        "n_weights": sum(counts),
+    }
 
 
 def plan_units(policy: str, packs: List[List[int]], prefix_layers: List[str], block_layers: List[List[str]],
@@ -208,13 +206,15 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         dm.attach_model(model)
         dm.setup()
         x_cal, y_cal = dm.calib_tensors()
-        split = split_model(model, mcfg.family)
+        split = split_model(model, mcfg.family, example_input=x_cal[:2])
+        if mp_plan is not None:  # an impossible bit budget stops here, before FP training
+            mp_plan.check_feasible(model, split)
         check_split(model, split, x_cal[:2], atol=1e-4)
         calib_fp = dm.fingerprint()
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
         resumed = rd.guard(hash_obj(cfg_dict, VOLATILE), calib_fp)
         if not (mcfg.checkpoint or mcfg.pretrained):
-            model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, seed, Path(cfg.cache_dir), trainer_kwargs)
+            model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir), trainer_kwargs)
         model.to(device).eval()
         if rd.has("fp.json"):
             fp_top1 = rd.read_json("fp.json")["fp_top1"]
@@ -265,8 +265,17 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         pack_bits = None
         if mp_plan is not None:
             pack_bits = mp_plan.allocate(rd, qmodel, qsplit, fsplit, packs, scores, x_cal, device, block_layers,
-                                         prefix_layers, suffix_layers)
+                                         prefix_layers, suffix_layers, progress=progress)
+            mp = mp_plan.describe()
+            _log(logger, {"mp/achieved_w_bits": mp["achieved_w_bits"], "mp/budget_avg_bits": mp["avg_bits"]})
+            _log_table(logger, "mp/bits", ["pack", "blocks", "w_bits", "a_bits"],
+                       [[j, " ".join(names[b] for b in p), w, a] for j, (p, w, a)
+                        in enumerate(zip(packs or [[b] for b in range(len(names))], pack_bits,
+                                         mp["a_bits"]))])
         acct = bit_accounting(qmodel)
+        print(f"[packptq] bits: average weight {acct['w_bits_avg']:.4f}, activation "
+              f"{acct['a_bits_avg'] if acct['a_bits_avg'] is None else round(acct['a_bits_avg'], 4)}, "
+              f"size {acct['size_bytes']} bytes over {acct['n_weights']} weights")
 
     units = plan_units(pcfg.policy, packs, prefix_layers, block_layers, suffix_layers, names)
     with timer.phase("recon"):
@@ -315,7 +324,15 @@ def _set_threads(threads) -> None:
 
 
 def _mp_setup(cfg, qcfg):
-    if cfg.get("mp") is None or cfg.mp.get("policy", "none") == "none":
+    """The mixed-precision plan (``packptq.mixed``), or None for ``mp.policy=none``; the ``mp``
+    section is validated either way, before any compute."""
+    if cfg.get("mp") is None:
+        return None
+    if cfg.mp.get("policy", "none") == "none":
+        mcfg = typed(precision.MPConfig, cfg.mp, "mp")
+        if mcfg.prefix_bits is not None or mcfg.suffix_bits is not None:
+            raise ConfigError("mp.prefix_bits/suffix_bits do nothing with mp.policy=none (the quant config "
+                              "sets every layer's bits); set them to null or choose mp=budget|official")
         return None
     from packptq import mixed  # the pipeline side of mixed precision
 

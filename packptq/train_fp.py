@@ -33,8 +33,10 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fp_cache_key(model_cfg, data_cfg, seed: int) -> str:
-    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "seed": seed, "v": 1}
+def fp_cache_key(model_cfg, data_cfg) -> str:
+    """The FP model depends on the model and data config (split seed included), not on the
+    run seed: every PTQ seed starts from the same trained network."""
+    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 1}
     for k in ("checkpoint", "pretrained"):
         desc["model"].pop(k, None)
     desc["data"].pop("calib_size", None)
@@ -44,10 +46,11 @@ def fp_cache_key(model_cfg, data_cfg, seed: int) -> str:
     return f"{model_cfg.name}-{data_cfg.name}-{h}"
 
 
-def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, seed: int, cache_dir: Path,
+def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
                   trainer_kwargs: Optional[dict] = None, logger=None) -> Tuple[nn.Module, str]:
     """Return the trained FP model and where its weights live (cached .pt)."""
-    path = Path(cache_dir) / "fp" / f"{fp_cache_key(model_cfg, data_cfg, seed)}.pt"
+    path = Path(cache_dir) / "fp" / f"{fp_cache_key(model_cfg, data_cfg)}.pt"
+    seed = data_cfg.seed
     if path.is_file():
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
