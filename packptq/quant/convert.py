@@ -16,6 +16,19 @@ _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def _eval_identity() -> tuple:
+    """Modules that are the identity in eval mode, so a BN after them still folds."""
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        return (nn.Identity, nn.modules.dropout._DropoutNd, DropPath, DropBlock2d)
+    except Exception:  # pragma: no cover - timm layout changed
+        return (nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+_EVAL_IDENTITY = _eval_identity()
+
+
 @dataclass
 class QuantConfig:
     w_bits: int = 4
@@ -59,8 +72,8 @@ def fold_bn(model: nn.Module) -> int:
                 n += 1
             elif isinstance(child, _CONV + (nn.Linear,)):
                 prev_name, prev = name, child
-            elif not isinstance(child, (nn.Identity, nn.Dropout)):
-                prev = None if list(child.parameters()) else prev
+            elif not isinstance(child, _EVAL_IDENTITY):
+                prev = None  # an activation, pooling, ... between them: the BN is not affine in the conv
     return n
 
 

@@ -130,7 +130,8 @@ class LogSqrt2Quantizer(nn.Module):
         return 2 ** self.bits - 1
 
     def _q(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        levels = torch.round(-2 * torch.log2((x / scale).clamp(min=1e-20)))
+        # clamp at 0: values above the scale saturate at it (2**bits levels, as in RepQ-ViT)
+        levels = torch.round(-2 * torch.log2((x / scale).clamp(min=1e-20))).clamp(min=0)
         q = scale * torch.pow(2.0, -levels / 2)
         return torch.where(levels >= self.qmax, torch.zeros_like(x), q)
 
