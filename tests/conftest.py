@@ -41,6 +41,7 @@ def pytest_configure(config):
     os.environ.setdefault("WANDB_SILENT", "true")
     _CACHE = tempfile.mkdtemp(prefix="packptq-test-cache-")
     os.environ["PACKPTQ_CACHE"] = _CACHE
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(_CACHE, "hypothesis"))  # not ./.hypothesis
 
 
 def pytest_unconfigure(config):
