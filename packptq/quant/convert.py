@@ -3,13 +3,13 @@ activation quantizers, and quantizer state switches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from packptq.config import ConfigError
-from packptq.quant.modules import QAttention, QuantLayer
+from packptq.quant.modules import QAttention, QuantLayer, QWindowAttention
 from packptq.quant.quantizer import ActQuantizer, WeightQuantizer
 
 _CONV = (nn.Conv1d, nn.Conv2d)
@@ -39,7 +39,7 @@ class QuantConfig:
     a_range: str = "mse"
     attn_prob: str = "uniform"  # uniform | log2 (post-softmax quantizer)
     quant_attn: bool = True  # quantize both operands of the attention matmuls
-    ln_reparam: bool = False  # RepQ-ViT post-LayerNorm reparameterisation
+    ln_reparam: bool = False  # RepQ-ViT post-LayerNorm reparameterisation (packptq.quant.vit)
 
     def __post_init__(self) -> None:
         for k in ("w_bits", "a_bits"):
@@ -55,6 +55,9 @@ class QuantConfig:
                 raise ConfigError(f"quant.{k}={getattr(self, k)}; use mse|minmax")
         if self.attn_prob not in ("uniform", "log2"):
             raise ConfigError(f"quant.attn_prob={self.attn_prob}; use uniform|log2")
+        if self.ln_reparam and self.act_placement != "input":
+            raise ConfigError("quant.ln_reparam=true folds the quantizer on a Linear's input, which "
+                              "act_placement=output does not have; use quant.act_placement=input")
 
 
 @torch.no_grad()
@@ -100,13 +103,45 @@ def _bn_remainder(bn: nn.Module) -> nn.Module:
     return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
 
-def _attention_classes() -> tuple:
-    try:
-        from timm.models.vision_transformer import Attention
+#: attention class -> converter(module, QuantConfig) -> its quantized replacement. Matched on
+#: the exact class: a subclass may override ``forward``, so it needs a converter of its own.
+AttentionConverter = Callable[[nn.Module, "QuantConfig"], nn.Module]
+ATTENTION_CONVERTERS: Dict[type, AttentionConverter] = {}
 
-        return (Attention,)
-    except Exception:  # pragma: no cover - timm layout changed
-        return ()
+
+def register_attention(*classes: type) -> Callable[[AttentionConverter], AttentionConverter]:
+    """Decorator: ``converter(module, cfg)`` quantizes attention modules of ``classes``."""
+    def deco(fn: AttentionConverter) -> AttentionConverter:
+        for cls in classes:
+            if cls in ATTENTION_CONVERTERS:
+                raise KeyError(f"attention converter for {cls.__qualname__} is registered twice")
+            ATTENTION_CONVERTERS[cls] = fn
+        return fn
+
+    return deco
+
+
+def _register_timm_attention() -> None:
+    from timm.models.swin_transformer import WindowAttention
+    from timm.models.vision_transformer import Attention
+
+    register_attention(Attention)(lambda m, cfg: QAttention(m, cfg.a_bits, cfg.attn_prob))
+    register_attention(WindowAttention)(lambda m, cfg: QWindowAttention(m, cfg.a_bits, cfg.attn_prob))
+
+
+_register_timm_attention()
+
+
+def convert_attention(model: nn.Module, cfg: "QuantConfig") -> List[str]:
+    """In place: replace every attention module with a registered converter; returns the
+    names replaced. Their inner Linear layers are left for the Conv/Linear pass."""
+    done = []
+    for name, m in list(model.named_modules()):
+        conv = ATTENTION_CONVERTERS.get(type(m))
+        if conv is not None and not any(name.startswith(d + ".") for d in done):
+            _replace(model, name, conv(m, cfg))
+            done.append(name)
+    return done
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -137,9 +172,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
     model.eval()
     fold_bn(model)
     if cfg.quant_attn:
-        for name, m in list(model.named_modules()):
-            if isinstance(m, _attention_classes()):
-                _replace(model, name, QAttention(m, cfg.a_bits, cfg.attn_prob))
+        convert_attention(model, cfg)
     for name, m in list(model.named_modules()):
         if isinstance(m, _CONV + (nn.Linear,)) and not isinstance(m, QuantLayer):
             parent_name = name.rpartition(".")[0]
@@ -160,6 +193,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
         for m in (first, last):
             m.set_bits(cfg.first_last_bits, cfg.first_last_bits)
     model.packptq_first_last = (order[0], order[-1])
+    model.packptq_quant_cfg = cfg  # calibrate reads ln_reparam from it
     return model
 
 
@@ -185,7 +219,17 @@ def quant_layers(model: nn.Module) -> List[Tuple[str, QuantLayer]]:
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: str = "mse") -> None:
     """Initialise every activation quantizer from the calibration inputs ``x`` [n, ...]: one
-    pass with weights quantized and activations observed in FP, then an MSE range search."""
+    pass with weights quantized and activations observed in FP, then an MSE range search.
+
+    With ``quant.ln_reparam`` (read from the config ``quantize_model`` left on the model), a
+    first pass fits per-channel ranges to the post-LayerNorm activations and folds them into
+    the LayerNorm and the next Linear (``packptq.quant.vit.ln_reparameterize``, once per
+    model); those Linears' input quantizers then take the equivalent per-tensor ranges."""
+    qcfg = getattr(model, "packptq_quant_cfg", None)
+    if qcfg is not None and qcfg.ln_reparam and getattr(model, "packptq_ln_ranges", None) is None:
+        from packptq.quant.vit import ln_reparameterize
+
+        model.packptq_ln_ranges = ln_reparameterize(model, x, batch_size, method)
     aqs = [m for _, m in act_quantizers(model)]
     for m in aqs:
         m.observing, m._samples = True, []
@@ -194,6 +238,10 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: s
         model(x[i:i + batch_size].to(device))
     for m in aqs:
         m.finish_observing(method)
+    for name, (s, z) in (getattr(model, "packptq_ln_ranges", None) or {}).items():
+        q = model.get_submodule(name).q
+        q.scale.data.copy_(s)
+        q.zero_point.copy_(z)
 
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:
