@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-#: a pipeline run in seconds: resnet18 with 8..64 channels on the 16x16 digits, 64 calibration
+#: a pipeline run in seconds: resnet18 with 8..64 block channels on the 16x16 digits, 64 calibration
 #: images, 20 steps per unit. Four epochs (one FP training per session, cached) give a model
 #: well above chance, so accuracies and agreements mean something.
 TINY = (
@@ -24,7 +24,6 @@ TINY = (
     "data.calib_size=64",
     "model=resnet18",
     "+model.kwargs.channels=[8,16,32,64]",
-    "+model.kwargs.stem_width=8",
     "model.train_epochs=4",
     "recon.iters=20",
     "progress=false",

@@ -23,7 +23,7 @@ def resnet(seed: int = 0, width: int = 8) -> nn.Module:
     """timm resnet18 (all 8 blocks, 20 BNs); ``width`` 8 shrinks the channels 8x (fast MSE
     weight-range search), 64 is the real one."""
     torch.manual_seed(seed)
-    return timm.create_model("resnet18", num_classes=10, in_chans=1, stem_width=width,
+    return timm.create_model("resnet18", num_classes=10, in_chans=1,
                              channels=[width, 2 * width, 4 * width, 8 * width]).eval()
 
 
