@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from packptq.config import ConfigError
+
+#: the repository's config tree (packptq is installed editable: `pip install -e .`)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def make_logger(cfg: DictConfig, overrides, sweep_dir: Optional[str]):
@@ -61,7 +65,7 @@ def _wandb_artifacts(logger, run_dir: str) -> None:
     logger.experiment.log_artifact(art)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 

@@ -95,8 +95,21 @@ def _channel_dim(unit_module: nn.Module) -> int:
     return -1 if layers and isinstance(layers[-1].layer, nn.Linear) else 1
 
 
+def _is_fp_param(key: str) -> bool:
+    # FP weights and biases never change during PTQ: they come from the FP model, not artifacts
+    return key.endswith((".layer.weight", ".layer.bias")) or not any(
+        t in key for t in ("wq.", "aq.", "_quant.", "alpha", "scale", "zero_point", "initialized", "elems_per_sample"))
+
+
 def unit_state(module: nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    """What PTQ changed in ``module``: quantizer parameters, and AdaRound's hard rounding
+    decisions stored as booleans (only the sign of V matters once frozen)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if _is_fp_param(k):
+            continue
+        out[k] = (v >= 0) if k.endswith("alpha") else v.detach().cpu()
+    return out
 
 
 def load_unit_state(module: nn.Module, sd: dict) -> None:
@@ -104,9 +117,13 @@ def load_unit_state(module: nn.Module, sd: dict) -> None:
     for name, m in module.named_modules():
         key = f"{name}.alpha" if name else "alpha"
         if hasattr(m, "init_adaround") and key in sd:
-            m.alpha = nn.Parameter(torch.zeros_like(sd[key]), requires_grad=False)
+            m.alpha = nn.Parameter(torch.zeros(sd[key].shape), requires_grad=False)
             m.mode = "hard"
-    module.load_state_dict(sd)
+    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items()}
+    res = module.load_state_dict(sd, strict=False)
+    if res.unexpected_keys or any(not _is_fp_param(k) for k in res.missing_keys):
+        raise ValueError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
+                         f"unexpected {res.unexpected_keys[:5]}")
     freeze(module)
 
 
@@ -185,6 +202,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
     timer = Timer()
     seed = int(cfg.seed)
+    _quiet_lightning()
     _set_threads(cfg.get("threads"))
     progress = bool(cfg.get("progress", True))
     # -- validate every section before any heavy work ---------------------------------------
@@ -307,6 +325,19 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
                   "eval/size_bytes": acct["size_bytes"]})
     print_table(results)
     return results
+
+
+def _quiet_lightning() -> None:
+    """Each unit is one Trainer.fit: keep Lightning's per-fit banners and known-benign warnings
+    (eval-mode units, its own deprecations) out of the run's output."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pat in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*",
+                ".*litlogger.*", ".*GPU available.*"):
+        warnings.filterwarnings("ignore", message=pat)
 
 
 def _set_threads(threads) -> None:
