@@ -1,0 +1,159 @@
+"""Every config file composes with the primary config, and every section packptq owns passes
+its typed schema: each option of each group, each experiment (and each value its sweep would
+set), each launcher. Third-party sections are checked against what consumes them (Trainer
+keyword arguments, Lightning loggers, Hydra launchers)."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from lightning.pytorch.loggers import Logger
+from omegaconf import OmegaConf
+
+from packptq.config import ConfigError, typed
+from packptq.data import DATASETS
+from packptq.packing import PackingConfig
+from packptq.precision import MPConfig
+from packptq.quant import QuantConfig
+from packptq.reconstruct import ReconConfig
+from packptq.zoo.build import ModelConfig
+
+from conftest import CONF, compose_cfg
+
+GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "experiment",
+          "hydra/launcher"]
+#: values that an option leaves mandatory (???), supplied so it can compose completely
+#: ({tmp} is the test's tmp_path, holding an empty d.npz)
+FILL = {("model", "timm"): ["model.name=resnet18"],
+        ("packing", "manual"): ["packing.packs=[[layer1.0,layer1.1],[layer2.0]]"],
+        ("data", "npz"): ["data.path={tmp}/d.npz"],
+        ("data", "imagefolder"): ["data.path={tmp}"]}
+
+
+def options(group: str):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def check_owned(cfg) -> dict:
+    """Type every section packptq owns; return the typed objects."""
+    return {
+        "model": typed(ModelConfig, cfg.model, "model"),
+        "data": typed(DATASETS.get(cfg.data.name).Config, cfg.data, "data"),
+        "quant": typed(QuantConfig, cfg.quant, "quant"),
+        "packing": typed(PackingConfig, cfg.packing, "packing"),
+        "mp": typed(MPConfig, cfg.mp, "mp"),
+        "recon": typed(ReconConfig, cfg.recon, "recon"),
+    }
+
+
+def base(tmp_path) -> list:
+    return [f"run_dir={tmp_path}", f"cache_dir={tmp_path}"]
+
+
+def test_every_config_folder_is_a_known_group():
+    dirs = {str(p.parent.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    assert dirs <= set(GROUPS) | {"."}, dirs - set(GROUPS)
+    assert all(options(g) for g in GROUPS), [g for g in GROUPS if not options(g)]
+
+
+def test_primary_config_defaults(tmp_path):
+    cfg = compose_cfg(base(tmp_path))
+    typedcfg = check_owned(cfg)
+    assert typedcfg["model"].name == "resnet18" and typedcfg["data"].name == "mnist5k"
+    assert typedcfg["packing"].policy == "hessian" and typedcfg["mp"].policy == "none"
+    assert (typedcfg["quant"].w_bits, typedcfg["quant"].a_bits) == (4, 4)
+    assert typedcfg["data"].calib_seed == cfg.seed  # calibration follows the run seed
+    assert "Wandb" in cfg.logger._target_
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "quant", "packing", "mp", "recon")
+                                          for o in options(g)])
+def test_owned_group_option_composes_and_types(group, option, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_DIR", str(tmp_path))
+    monkeypatch.setenv("MODELNET40_DIR", str(tmp_path))
+    (tmp_path / "d.npz").touch()
+    fill = [f.format(tmp=tmp_path) for f in FILL.get((group, option), [])]
+    cfg = compose_cfg(base(tmp_path) + [f"{group}={option}", *fill])
+    typedcfg = check_owned(cfg)
+    section = typedcfg[group]
+    if group in ("data", "packing", "mp"):
+        assert (section.name if group == "data" else section.policy) == option
+    if group == "quant":
+        assert option == f"w{section.w_bits}a{section.a_bits}"
+    if group == "model" and option != "timm":
+        assert section.name == option
+    # the option sets nothing its schema lacks, even below the top level
+    keys = set(OmegaConf.to_container(cfg[group]))
+    assert keys <= set(type(section).__dataclass_fields__), keys - set(type(section).__dataclass_fields__)
+
+
+@pytest.mark.parametrize("group,option", [("model", "timm"), ("packing", "manual")])
+def test_mandatory_values_are_asked_for(group, option, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"{group}={option}"])
+    schema = {"model": ModelConfig, "packing": PackingConfig}[group]
+    with pytest.raises(ConfigError, match=f"needs a value for .*{group}\\."):
+        typed(schema, cfg[group], group)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_are_trainer_arguments(option, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"trainer={option}"])
+    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kw.pop("_target_", None)
+    params = set(inspect.signature(L.Trainer.__init__).parameters)
+    assert set(kw) <= params, set(kw) - params
+    trainer = L.Trainer(**{**kw, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                           "default_root_dir": str(tmp_path)})
+    assert trainer.max_epochs is not None or trainer.max_steps is not None
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_logger_options_instantiate(option, tmp_path):
+    from packptq.cli import make_logger
+
+    if option == "tensorboard":
+        pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard package, "
+                            "which is not a dependency of packptq")
+    cfg = compose_cfg(base(tmp_path) + [f"logger={option}"])
+    logger = make_logger(cfg, ["seed=1"], None)
+    if option == "none":
+        assert cfg.logger is None and logger is None
+        return
+    assert isinstance(logger, Logger)
+    if option == "wandb":
+        assert cfg.logger.offline is True  # never syncs unless asked
+    else:
+        assert Path(logger.save_dir) == tmp_path  # logs go in the run directory
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_launcher_options_compose(option, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"hydra/launcher={option}"], return_hydra_config=True)
+    target = cfg.hydra.launcher._target_
+    assert "submitit" in target or "joblib" in target, target
+    check_owned(cfg)
+
+
+def sweep_values(params) -> list:
+    """Each ``key=value`` a sweep over ``hydra.sweeper.params`` would set."""
+    out = []
+    parser = OverridesParser.create()
+    for key, spec in (params or {}).items():
+        (ov,) = parser.parse_overrides([f"{key}={spec}"])
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        out += [f"{key}={v}" for v in (values[:1] if key == "seed" else values)]  # seeds compose alike
+    return out
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_composes_and_every_sweep_value_types(name, tmp_path):
+    over = base(tmp_path) + [f"experiment={name}"]
+    cfg = compose_cfg(over, return_hydra_config=True)
+    check_owned(cfg)
+    params = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    for value in sweep_values(params):
+        check_owned(compose_cfg(over + [value], return_hydra_config=True))
