@@ -216,6 +216,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     rd = RunDir(cfg.run_dir)
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True) if cfg.get("trainer") else {}
     trainer_kwargs.pop("_target_", None)
+    _check_trainer_kwargs(trainer_kwargs)
     device = _device(trainer_kwargs)
     eval_bs = int(cfg.data.get("batch_size", 256))
 
@@ -338,6 +339,17 @@ def _quiet_lightning() -> None:
     for pat in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*",
                 ".*litlogger.*", ".*GPU available.*"):
         warnings.filterwarnings("ignore", message=pat)
+
+
+def _check_trainer_kwargs(kwargs: dict) -> None:
+    import inspect
+
+    import lightning as L
+
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    bad = sorted(set(kwargs) - known)
+    if bad:
+        raise ConfigError(f"unknown trainer option(s) {bad}; trainer.* takes lightning.Trainer arguments")
 
 
 def _set_threads(threads) -> None:

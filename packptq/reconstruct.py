@@ -7,8 +7,9 @@ is one ``Trainer.fit(max_steps=iters)``; afterwards it is frozen (hard rounding,
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -101,6 +102,72 @@ def _owner_weight(unit: nn.Module, wq: WeightQuantizer) -> torch.Tensor:
     raise RuntimeError("weight quantizer without its layer")
 
 
+class _SoftRound(torch.autograd.Function):
+    """AdaRound's soft-rounded weight and, when ``beta`` is given, its rounding regulariser, as
+    one autograd node over a whole weight tensor.
+
+    Values equal ``WeightQuantizer.forward`` in soft mode and ``WeightQuantizer.round_reg``
+    (same operations in the same order). What it saves per step, on tensors as large as the
+    weights: floor(w / s) comes in precomputed (``base``), h(V) is computed once for both uses,
+    the backward reuses |2h - 1|^beta instead of a second ``pow`` (on CPU ``pow`` with a float
+    exponent costs as much as a convolution), and the clamp masks are one comparison each. The
+    gradient equals autograd's up to float rounding. ``s`` and ``z`` are the per-channel scale
+    and zero point viewed to broadcast against the weight."""
+
+    @staticmethod
+    def forward(ctx, alpha, base, s, z, qmax: int, beta: Optional[float]):
+        zeta, gamma = WeightQuantizer.zeta, WeightQuantizer.gamma
+        sig = torch.sigmoid(alpha)
+        u = sig.mul(zeta - gamma).add_(gamma)
+        h = u.clamp(0, 1)
+        in_u = h == u  # clamp's gradient mask: u in [0, 1]
+        t = (base + h).add_(z)
+        q = t.clamp(0, qmax)
+        in_t = q == t
+        w = q.sub_(z).mul_(s)
+        ctx.qmax, ctx.beta = qmax, beta
+        if beta is None:
+            ctx.save_for_backward(sig, in_u, in_t, s)
+            return w, w.new_zeros(())
+        d = h.mul(2).sub_(1)
+        p = d.abs().pow_(beta)
+        ctx.save_for_backward(sig, in_u, in_t, s, d, p)
+        return w, (1 - p).sum()
+
+    @staticmethod
+    def backward(ctx, g_w, g_reg):
+        c = WeightQuantizer.zeta - WeightQuantizer.gamma
+        sig, in_u, in_t, s = ctx.saved_tensors[:4]
+        g = g_w * (s * c)  # c: dh/du, taken out of the sum below
+        g.mul_(in_t)
+        if ctx.beta is not None:
+            d, p = ctx.saved_tensors[4:]
+            # d/dh (1 - |2h - 1|^beta) = -2 beta |d|^(beta - 1) sgn(d) = -2 beta p / d (0 where d = 0)
+            r = p.div(d).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+            g.addcmul_(r, g_reg * (-2.0 * ctx.beta * c))
+        g.mul_(in_u)
+        return torch.ops.aten.sigmoid_backward(g, sig), None, None, None, None, None
+
+
+@contextmanager
+def _weights_passthrough(wqs: List[WeightQuantizer]):
+    """Weight quantizers return their input unchanged inside the block (their weights are
+    handed in already quantized); restored even if the block raises."""
+    states = [m.enabled for m in wqs]
+    try:
+        for m in wqs:
+            m.enabled = False
+        yield
+    finally:
+        for m, e in zip(wqs, states):
+            m.enabled = e
+
+
+def _per_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel vector [C] viewed to broadcast against a weight [C, ...]."""
+    return t.view((-1,) + (1,) * (w.dim() - 1))
+
+
 def rec_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Squared error summed over channels, averaged over batch and the remaining positions."""
     return (out - target).pow(2).sum(dim=channel_dim).mean()
@@ -122,6 +189,49 @@ class UnitReconstruction(L.LightningModule):
         self.aqs = [m for m in unit.modules() if isinstance(m, ActQuantizer)]
         self.losses: List[float] = []
         self.automatic_optimization = True
+        self._prepare_weights()
+
+    @torch.no_grad()
+    def _prepare_weights(self) -> None:
+        """Each step hands the unit its quantized weights (``_forward``); what is constant over
+        the fit is computed here once, as non-persistent buffers that follow the module's
+        device: floor(w / s) of every soft-rounded weight, and the whole quantized weight of
+        enabled quantizers without rounding variables (``adaround=False``)."""
+        owners = {id(m.wq): (n, m) for n, m in self.unit.named_modules()
+                  if isinstance(getattr(m, "wq", None), WeightQuantizer) and hasattr(m, "layer")}
+        self._soft: List[Tuple[str, WeightQuantizer, str]] = []  # (weight name in unit, quantizer, buffer)
+        self._fixed: List[Tuple[str, str]] = []  # (weight name in unit, buffer)
+        self._passthrough: List[WeightQuantizer] = []
+        for wq in self.unit.modules():
+            if not isinstance(wq, WeightQuantizer) or not wq.enabled or id(wq) not in owners:
+                continue
+            name, owner = owners[id(wq)]
+            key, buf, w = f"{name}.layer.weight" if name else "layer.weight", f"_wq{len(self._passthrough)}", owner.layer.weight
+            if wq.alpha is not None and wq.mode == "soft":
+                self.register_buffer(buf, torch.floor(w / _per_channel(wq.scale, w)), persistent=False)
+                self._soft.append((key, wq, buf))
+            else:
+                self.register_buffer(buf, wq(w).detach(), persistent=False)
+                self._fixed.append((key, buf))
+            self._passthrough.append(wq)
+
+    def _forward(self, x: torch.Tensor, beta: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The unit's output on ``x`` and the summed rounding regulariser at ``beta`` (0 when
+        ``beta`` is None); same values as ``unit(x)`` and ``sum(m.round_reg(beta) for m in wqs)``."""
+        weights: Dict[str, torch.Tensor] = {key: getattr(self, buf) for key, buf in self._fixed}
+        reg = 0
+        for key, wq, buf in self._soft:
+            base = getattr(self, buf)
+            w, r = _SoftRound.apply(wq.alpha, base, _per_channel(wq.scale, base), _per_channel(wq.zero_point, base),
+                                    wq.qmax, beta)
+            weights[key] = w
+            if beta is not None:
+                reg = reg + r
+        if not weights:
+            return self.unit(x), reg
+        with _weights_passthrough(self._passthrough):
+            out = torch.func.functional_call(self.unit, weights, (x,), tie_weights=False, strict=False)
+        return out, reg
 
     def on_train_start(self) -> None:
         self.unit.eval()  # no dropout / BN updates; quantizer modes are set explicitly
@@ -138,19 +248,25 @@ class UnitReconstruction(L.LightningModule):
         t = (step - start) / max(1.0, total - start)
         return self.cfg.beta_start + (self.cfg.beta_end - self.cfg.beta_start) * t
 
-    def training_step(self, batch, batch_idx):
+    def step_loss(self, batch, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction loss, total loss with the regulariser) of one step on ``batch``
+        = (q_in, fp_in, fp_out); ``step`` sets beta. The whole step minus the bookkeeping."""
         q_in, fp_in, fp_out = batch
         if self.cfg.drop_prob < 1.0:
             take_q = torch.rand_like(q_in) < self.cfg.drop_prob
             x = torch.where(take_q, q_in, fp_in)
         else:
             x = q_in
-        out = self.unit(x)
+        b = self.beta(step) if self.wqs else None
+        out, reg = self._forward(x, b)
         rec = rec_loss(out, fp_out, self.channel_dim)
         loss = rec
-        b = self.beta(self.global_step)
-        if b is not None and self.wqs:
-            loss = loss + self.cfg.reg_lambda * sum(m.round_reg(b) for m in self.wqs)
+        if b is not None:
+            loss = loss + self.cfg.reg_lambda * reg
+        return rec, loss
+
+    def training_step(self, batch, batch_idx):
+        rec, loss = self.step_loss(batch, self.global_step)
         rec_v = rec.detach()
         self.losses.append(rec_v)
         if self.logger is not None and (batch_idx % self.cfg.log_every == 0 or batch_idx == self.cfg.iters - 1):
@@ -159,17 +275,31 @@ class UnitReconstruction(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        groups = []
+        groups, w_group = [], None
         if self.w_params:
-            groups.append({"params": self.w_params, "lr": self.cfg.w_lr})
+            w_group = {"params": self.w_params, "lr": self.cfg.w_lr}
+            groups.append(w_group)
         if self.a_params:
             groups.append({"params": self.a_params, "lr": self.cfg.a_lr})
-        opt = torch.optim.Adam(groups)
+        params = self.w_params + self.a_params
+        # the fused kernel is one pass per step over the rounding variables instead of ~10
+        opt = torch.optim.Adam(groups, fused=_fused_ok(params))
         iters = max(1, self.cfg.iters)
-        lams = [(lambda s: 1.0) if g["params"] is self.w_params else
+        # rounding variables: constant lr; activation step sizes: cosine to 0
+        lams = [(lambda s: 1.0) if g is w_group else
                 (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, iters) / iters))) for g in groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lams)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _fused_ok(params: List[torch.Tensor]) -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # older torch: the default implementation
+        return False
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def make_trainer(trainer_kwargs: dict, iters: int, logger=None) -> L.Trainer:

@@ -36,7 +36,7 @@ class Classifier(L.LightningModule):
 def fp_cache_key(model_cfg, data_cfg) -> str:
     """The FP model depends on the model and data config (split seed included), not on the
     run seed: every PTQ seed starts from the same trained network."""
-    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 1}
+    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 2}  # v2: BN trains
     for k in ("checkpoint", "pretrained"):
         desc["model"].pop(k, None)
     desc["data"].pop("calib_size", None)
@@ -67,6 +67,7 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
               logger=logger if logger is not None else False, num_sanity_val_steps=0, limit_val_batches=0)
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
+    model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
     L.Trainer(**kw).fit(module, train_dataloaders=loader)
     model.cpu().eval()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,9 +114,6 @@ def test_trainer_options_are_trainer_arguments(option, tmp_path):
 def test_logger_options_instantiate(option, tmp_path):
     from packptq.cli import make_logger
 
-    if option == "tensorboard":
-        pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard package, "
-                            "which is not a dependency of packptq")
     cfg = compose_cfg(base(tmp_path) + [f"logger={option}"])
     logger = make_logger(cfg, ["seed=1"], None)
     if option == "none":

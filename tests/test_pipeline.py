@@ -291,9 +291,6 @@ def test_tiny_setting_is_what_the_tests_think():
     assert cfg.data.calib_seed == cfg.seed == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug in train_fp.py:train_or_load: build_model returns the model in "
-                   "eval mode and Lightning (>= 2.2) no longer calls .train(), so FP training never "
-                   "updates BatchNorm statistics (num_batches_tracked stays 0) and dropout stays off")
 def test_fp_training_trains_batchnorm(trained_tiny):
     bns = [m for m in trained_tiny[0].modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(int(m.num_batches_tracked) > 0 for m in bns)

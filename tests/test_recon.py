@@ -216,9 +216,6 @@ def test_activation_lr_is_cosine_to_zero():
     assert _lrs_after(cfg, 40)[1] == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="bug in reconstruct.py:UnitReconstruction.configure_optimizers: "
-                   "torch.optim rebuilds each group's 'params' list, so `g['params'] is self.w_params` is "
-                   "False and the AdaRound lr also follows the cosine (DESIGN: Adam lr 3e-3, constant)")
 def test_adaround_lr_is_constant():
     cfg = ReconConfig(iters=40)
     assert _lrs_after(cfg, 20)[0] == pytest.approx(cfg.w_lr)

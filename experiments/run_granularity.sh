@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Regenerates experiments/results/granularity.md (issue 3): both halves of the ablation grid,
+# then the table. About an hour on 2 CPU cores with the presets' recon.iters.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+packptq experiment=ablation_granularity
+packptq experiment=ablation_granularity_deit
+python experiments/granularity_table.py multirun/ablation_granularity --out experiments/results
