@@ -15,7 +15,7 @@ from packptq.quant import (ATTENTION_CONVERTERS, QAttention, QuantConfig, QuantL
                            act_quantizers, calibrate, quantize_model, register_attention, set_quant_state)
 from packptq.quant.convert import convert_attention
 from packptq.quant.quantizer import UniformQuantizer
-from packptq.quant.vit import fold_channel_ranges, ln_linear_pairs
+from packptq.quant.vit import copy_ln_reparam, fold_channel_ranges, ln_linear_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -218,6 +218,17 @@ def test_ln_reparam_keeps_fp_function(key, n_pairs):
     torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-4)
     calibrate(q, x)  # a second calibration does not fold again
     assert q.packptq_ln_ranges is ranges
+
+    # the FP reference can take the same fold: then the folded Linears see the same inputs
+    fp = copy.deepcopy(model)
+    assert copy_ln_reparam(q, fp) == n_pairs
+    torch.testing.assert_close(fp(x), ref, atol=1e-4, rtol=1e-4)
+    lin = q.packptq_ln_folded[0][1]
+    seen = {}
+    for tag, m in (("q", q.get_submodule(lin)), ("fp", fp.get_submodule(lin))):
+        m.register_forward_pre_hook(lambda _m, i, tag=tag: seen.__setitem__(tag, i[0].detach()))
+    q(x), fp(x)
+    torch.testing.assert_close(seen["q"], seen["fp"], atol=1e-4, rtol=1e-4)
 
 
 def test_ln_reparam_config_errors():

@@ -109,13 +109,35 @@ def ln_reparameterize(model: nn.Module, x: torch.Tensor, batch_size: int = 64, m
             h.remove()
 
     ranges: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+    folded = []
     for norm_name, lin in pairs:
         if lin in padded or not rows[lin]:
             continue
         norm, layer = model.get_submodule(norm_name), model.get_submodule(lin)
         s, z = search_range(torch.cat(rows[lin]), layer.aq.bits, ch_axis=1, method=method)
         ranges[f"{lin}.aq"] = fold_channel_ranges(norm, layer, s, z, min_ratio)
+        folded.append((norm_name, lin))
+    model.packptq_ln_folded = folded
     return ranges
+
+
+@torch.no_grad()
+def copy_ln_reparam(qmodel: nn.Module, fp_model: nn.Module) -> int:
+    """Give ``fp_model`` (an FP copy of the same network, e.g. the reconstruction reference)
+    the folded LayerNorm and Linear parameters of ``qmodel``, so that the inputs of the folded
+    Linears agree between the two (block outputs agree either way). Needed wherever an FP
+    input of such a Linear is mixed with its quantized-model input (layer-wise units with
+    QDrop). Returns the number of pairs copied."""
+    pairs = getattr(qmodel, "packptq_ln_folded", None) or []
+    for norm_name, lin in pairs:
+        qn, fn = qmodel.get_submodule(norm_name), fp_model.get_submodule(norm_name)
+        fn.weight = nn.Parameter(qn.weight.detach().clone(), requires_grad=False)
+        fn.bias = nn.Parameter(qn.bias.detach().clone(), requires_grad=False)
+        ql, fl = qmodel.get_submodule(lin).layer, fp_model.get_submodule(lin)
+        fl = fl.layer if isinstance(fl, QuantLayer) else fl
+        fl.weight.data = ql.weight.detach().clone()
+        fl.bias = nn.Parameter(ql.bias.detach().clone(), requires_grad=False)
+    return len(pairs)
 
 
 def fold_channel_ranges(norm: nn.LayerNorm, layer: QuantLayer, s: torch.Tensor, z: torch.Tensor,
