@@ -146,7 +146,9 @@ def sweep_values(params) -> list:
 
 
 @pytest.mark.parametrize("name", options("experiment"))
-def test_experiment_composes_and_every_sweep_value_types(name, tmp_path):
+def test_experiment_composes_and_every_sweep_value_types(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGENET_DIR", str(tmp_path))  # paper presets use the real datasets
+    monkeypatch.setenv("MODELNET40_DIR", str(tmp_path))
     over = base(tmp_path) + [f"experiment={name}"]
     cfg = compose_cfg(over, return_hydra_config=True)
     check_owned(cfg)
