@@ -221,6 +221,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     eval_bs = int(cfg.data.get("batch_size", 256))
 
     with timer.phase("fp"):
+        torch.manual_seed(dm.cfg.seed)  # FP init follows the data seed: one FP model for all run seeds
         model = build_model(mcfg, meta)
         dm.attach_model(model)
         dm.setup()
