@@ -52,5 +52,53 @@ lane_b > "$LOGS/lane_b.log" 2>&1 &
 wait
 echo "sweep wall time: $(( ($(date +%s) - start) / 60 )) min" | tee "$LOGS/wall_time.txt"
 
-packptq-report multirun/mp_sweep/resnet18 multirun/mp_sweep/deit_tiny_patch16_224 \
-  --out experiments/results/mixed_precision
+OUT=experiments/results/mixed_precision
+packptq-report multirun/mp_sweep/resnet18 multirun/mp_sweep/deit_tiny_patch16_224 --out "$OUT"
+
+# The figure of mixed_precision.md (top-1 against the achieved average weight bits, one panel
+# per model) and the headline rows, from the report's summary.csv.
+python - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from packptq.report import load_report
+
+out = Path(sys.argv[1])
+_, s = load_report(out)
+s = s.sort_values(["model", "mp_policy", "w_bits_avg_mean"])
+fig = Figure(figsize=(10, 4), layout="constrained")
+styles = {"none": ("s", "-", "uniform WkAk"), "budget": ("o", "-", "budget (exact, W3A3 target)"),
+          "official": ("*", "none", "official rule")}
+for ax, (model, g) in zip(fig.subplots(1, s["model"].nunique(), squeeze=False).flat, s.groupby("model")):
+    for policy, (marker, ls, label) in styles.items():
+        r = g[g["mp_policy"] == policy]
+        if r.empty:
+            continue
+        ax.errorbar(r["w_bits_avg_mean"], r["quant_top1_mean"], yerr=r["quant_top1_std"].fillna(0),
+                    marker=marker, ls=ls, ms=9 if marker == "*" else 6, capsize=3, label=label)
+        for _, row in r.iterrows():
+            tag = f"{row['mp_avg_bits']:g}" if policy == "budget" else f"W{row['w_bits']:g}" if policy == "none" else ""
+            ax.annotate(f"{tag} (n={row['n_seeds']})", (row["w_bits_avg_mean"], row["quant_top1_mean"]),
+                        textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.axhline(g["fp_top1_mean"].mean(), ls="--", lw=0.8, color="grey", label="FP")
+    ax.set_title(f"{model} on MNIST-5k", fontsize=9)
+    ax.set_xlabel("achieved average weight bits (all quantized weights, first/last at 8)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+fig.savefig(out.parent / "mixed_precision.png", dpi=120)
+
+fmt = lambda m, sd, d=2: f"{m:.{d}f}" + ("" if pd.isna(sd) else f" ± {sd:.{d}f}")
+head = (((s["mp_policy"] == "budget") & (s["mp_avg_bits"] == 3.0)) | (s["mp_policy"] == "official")
+        | ((s["mp_policy"] == "none") & (s["w_bits"] == 3)))
+print("| model | mp | budget (bits/weight) | achieved W bits | A bits | size (KiB) | top-1 (%) | seeds |")
+print("|---|---|---|---|---|---|---|---|")
+for _, r in s[head].iterrows():
+    budget = "-" if pd.isna(r["mp_avg_bits"]) else f"{r['mp_avg_bits']:g}"
+    print(f"| {r['model']} | {r['mp_policy'] if r['mp_policy'] != 'none' else 'uniform W3A3'} | {budget} | "
+          f"{fmt(r['w_bits_avg_mean'], r['w_bits_avg_std'], 4)} | {fmt(r['a_bits_avg_mean'], r['a_bits_avg_std'], 3)} | "
+          f"{r['size_bytes_mean'] / 1024:.0f} | {fmt(r['quant_top1_mean'], r['quant_top1_std'])} | {r['n_seeds']} |")
+PY

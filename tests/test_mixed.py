@@ -3,8 +3,8 @@ matches the model, the feasibility check before any FP training, the official ru
 average, the measured sensitivity table, activation bits that follow the weights, resume, and
 the mp_sweep experiment configs.
 
-Full runs use resnet18 on the 16x16 digits with one FP epoch, 10 reconstruction steps and 64
-calibration images; the FP model is trained once per module (shared cache)."""
+Full runs use the conftest TINY setting (a narrow resnet18 on the 16x16 digits) at a W3A3
+target; the FP model is the session's ``trained_tiny``."""
 from __future__ import annotations
 
 import copy
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import CONF, compose_cfg, tiny_cfg
 from packptq import mixed, pipeline
 from packptq.config import ConfigError, typed
 from packptq.precision import load_bits_json
@@ -24,21 +24,12 @@ from packptq.quant import (ActQuantizer, QuantConfig, QuantLayer, WeightQuantize
 from packptq.zoo import split_model
 from packptq.zoo.build import ModelConfig, build_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = ["logger=none", "data=digits", "quant=w3a3", "model=resnet18", "model.train_epochs=1",
-        "recon.iters=10", "data.calib_size=64", "progress=false", "threads=1"]
+#: small versions of the models, same structure: resnet18 as in conftest.TINY, a 3-block deit_tiny
+SMALL = {"resnet18": {"channels": [8, 16, 32, 64]}, "deit_tiny_patch16_224": {"depth": 3}}
 
 
-def compose_cfg(run_dir: Path, cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config",
-                      overrides=[*TINY, f"run_dir={run_dir}", f"cache_dir={cache}", *overrides])
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("fp_cache")
+def mp_cfg(run_dir: Path, *overrides: str):
+    return tiny_cfg(run_dir, "quant=w3a3", *overrides)
 
 
 @pytest.fixture
@@ -70,9 +61,9 @@ def acts_under(module):
 
 
 # -- full runs -----------------------------------------------------------------------------------
-def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, cache, spy):
+def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, trained_tiny, spy):
     run_dir = tmp_path / "run"
-    r = pipeline.run(compose_cfg(run_dir, cache, "mp=budget", "mp.avg_bits=3.0"))
+    r = pipeline.run(mp_cfg(run_dir, "mp=budget", "mp.avg_bits=3.0"))
     qmodel = spy["qmodel"]
 
     # a true average over every quantized weight, prefix and suffix (8 bits here) included
@@ -105,8 +96,8 @@ def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, c
     assert table[:, 0].sum() > table[:, 2].sum()  # 2 bits hurt more than 4, summed over packs
 
 
-def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, cache, monkeypatch):
-    cfg = compose_cfg(tmp_path / "run", cache, "mp=budget", "mp.avg_bits=3.5", "packing=block", "recon.iters=0")
+def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, trained_tiny, monkeypatch):
+    cfg = mp_cfg(tmp_path / "run", "mp=budget", "mp.avg_bits=3.5", "packing=block", "recon.iters=0")
     first = pipeline.run(cfg)
 
     def boom(*a, **k):
@@ -117,8 +108,8 @@ def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, cache, monkeypa
     assert again["bits"] == first["bits"] and again["w_bits_avg"] == first["w_bits_avg"] <= 3.5
 
 
-def test_official_run_reports_its_achieved_average(tmp_path, cache, spy):
-    r = pipeline.run(compose_cfg(tmp_path / "run", cache, "mp=official", "packing=block", "recon.iters=0"))
+def test_official_run_reports_its_achieved_average(tmp_path, trained_tiny, spy):
+    r = pipeline.run(mp_cfg(tmp_path / "run", "mp=official", "packing=block", "recon.iters=0"))
     mp = r["mp"]
     assert mp["policy"] == "official" and mp["candidates"] == [3, 4] and mp["sensitivity"] == "omega"
     assert mp["avg_bits"] == 3.5  # the rule's (mid + high) / 2 budget
@@ -133,15 +124,15 @@ def test_official_run_reports_its_achieved_average(tmp_path, cache, spy):
 
 @pytest.mark.parametrize("avg", [1.5, 2.0, 4.5, 9])
 def test_an_impossible_budget_stops_before_fp_training(tmp_path, avg):
-    cache = tmp_path / "cache"
-    cfg = compose_cfg(tmp_path / "run", cache, "mp=budget", f"mp.avg_bits={avg}")
+    cache = tmp_path / "cache"  # empty: nothing may be trained into it
+    cfg = mp_cfg(tmp_path / "run", f"cache_dir={cache}", "mp=budget", f"mp.avg_bits={avg}")
     with pytest.raises(ConfigError, match=r"feasible range of mp.avg_bits is \[2\.\d{4}, 4\.\d{4}\]"):
         pipeline.run(cfg)
     assert not (cache / "fp").exists()  # no FP model was trained
 
 
 def test_mp_none_rejects_boundary_bits_it_would_ignore(tmp_path):
-    cfg = compose_cfg(tmp_path / "run", tmp_path / "cache", "mp=none", "mp.suffix_bits=4")
+    cfg = mp_cfg(tmp_path / "run", f"cache_dir={tmp_path / 'cache'}", "mp=none", "mp.suffix_bits=4")
     with pytest.raises(ConfigError, match="do nothing with mp.policy=none"):
         pipeline.run(cfg)
 
@@ -150,7 +141,8 @@ def test_mp_none_rejects_boundary_bits_it_would_ignore(tmp_path):
 def tiny_quantized(name="resnet18", family="resnet", patch_size=None, n=32, w_bits=3, a_bits=3):
     """(fp model with BN folded, quantized model, their splits, inputs): random weights."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name, family=family, patch_size=patch_size),
+    kwargs = SMALL[name]
+    model = build_model(ModelConfig(name=name, family=family, patch_size=patch_size, kwargs=kwargs),
                         {"num_classes": 10, "in_chans": 1, "img_size": 16}).eval()
     x = torch.randn(n, 1, 16, 16)
     fp = copy.deepcopy(model)
@@ -253,9 +245,7 @@ SWEEPS = sorted(p.stem for p in (CONF / "experiment").glob("mp_sweep*.yaml"))
 @pytest.mark.parametrize("case", [["mp=budget", "mp.avg_bits=2.5"], ["mp=none", "quant.w_bits=2"], ["mp=official"]])
 def test_mp_sweep_experiments_compose(experiment, case):
     assert SWEEPS, "no conf/experiment/mp_sweep*.yaml"
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *case, "run_dir=/tmp/x"],
-                      return_hydra_config=True)
+    cfg = compose_cfg([f"experiment={experiment}", *case, "run_dir=/tmp/x"], return_hydra_config=True)
     qcfg = typed(QuantConfig, cfg.quant, "quant")
     assert qcfg.a_bits == qcfg.w_bits  # uniform baselines are WkAk, like the packs under acts=follow
     assert OmegaConf.to_container(cfg.hydra.sweeper.params)["seed"]
