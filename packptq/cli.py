@@ -30,7 +30,7 @@ def make_logger(cfg: DictConfig, overrides, sweep_dir: Optional[str]):
             lcfg["group"] = os.path.basename(os.path.normpath(sweep_dir))
         lcfg.setdefault("config", None)
         lcfg["config"] = OmegaConf.to_container(cfg, resolve=True)
-    return hydra.utils.instantiate(lcfg)
+    return hydra.utils.instantiate(lcfg, _convert_="all")  # plain dicts: W&B cannot sanitise DictConfig
 
 
 def run_with_logging(cfg: DictConfig, overrides=(), sweep_dir: Optional[str] = None) -> dict:
