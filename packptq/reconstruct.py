@@ -152,8 +152,8 @@ class _SoftRound(torch.autograd.Function):
 
 @contextmanager
 def _weights_passthrough(wqs: List[WeightQuantizer]):
-    """Weight quantizers return their input unchanged inside the block (their weights are
-    handed in already quantized); restored even if the block raises."""
+    """Inside the ``with`` body the weight quantizers return their input unchanged (the
+    weights are handed in already quantized); their state is restored even on an error."""
     states = [m.enabled for m in wqs]
     try:
         for m in wqs:
