@@ -1,22 +1,22 @@
-"""Benchmark of unit reconstruction on the largest pack of the embedded quickstart (issue 3).
+"""Benchmark of unit reconstruction on the embedded quickstart (issue 3).
 
-Prints measurements and asserts nothing. In one process, on the largest Hessian pack of
-resnet18 on mnist5k (W4A4, 256 calibration images):
+Prints measurements and asserts nothing. In one process, on the Hessian packs of resnet18 on
+mnist5k (W4A4, 256 calibration images), headline numbers on the largest pack:
 
 1. median time per reconstruction step under Lightning (``reconstruct_unit``) against a bare
-   PyTorch loop running the same step (same unit, batches, optimizer, scheduler, loss and
-   regulariser, same seed: the two must give the same losses);
+   PyTorch loop running the same step (the same module's ``step_loss``, optimizer and
+   scheduler, the same batches and seed: the two give the same losses);
 2. the same step against one plain FP forward+backward of the pack on the same batch (the
    floor: the quantized step adds fake quantization and AdaRound on top of it);
 3. the scoring phase (``packing.hessian_scores``) against one FP forward+backward pass of the
    whole model over the calibration set;
-4. memory: the activation cache's peak and retained RSS growth against its size in bytes
-   (in a child process), and the peak RSS of a whole Pack-PTQ run (another child process,
-   ``os.wait4`` rusage).
+4. memory, in child processes: RSS growth while the largest pack's activation cache is built
+   against its size in bytes, and the peak RSS of a whole Pack-PTQ run (``os.wait4`` rusage).
 
-Lightning and the bare loop alternate, ``--repeats`` times each, so that load from other jobs
-on the machine falls on both; per-step times are the gaps between consecutive step ends
-(the first step, which holds set-up work, is left out).
+Lightning, the bare loop and the FP floor alternate, ``--repeats`` times each, so that load
+from other jobs falls on all of them; a step's time is the gap between consecutive step ends
+(the first step, which holds set-up work, is left out), in wall time and in this process's
+CPU time (steadier on a shared machine).
 
     OMP_NUM_THREADS=1 python experiments/bench_recon.py [--iters 50] [--repeats 5] \\
         [--run-iters N] [--out experiments/results/bench_recon.md]
@@ -123,29 +123,35 @@ class Setup:
 
 
 # -- 1. Lightning against a bare loop ------------------------------------------------------
+def now() -> Tuple[float, float]:
+    """(wall, CPU) seconds. The process's CPU time leaves out the time other jobs hold the cores:
+    on a shared machine it is the steadier of the two, wall time the one a user waits for."""
+    return time.perf_counter(), time.process_time()
+
+
 class StepClock(L.Callback):
-    """Time at the end of every training step (a perf_counter read, nothing else)."""
+    """``now()`` at the end of every training step, nothing else."""
 
     def __init__(self) -> None:
-        self.t: List[float] = []
+        self.t: List[Tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.t.append(time.perf_counter())
+        self.t.append(now())
 
 
 def lightning_run(chain_q, cache, rcfg, seed, channel_dim, trainer_kwargs):
     unit = copy.deepcopy(chain_q)
     clock = StepClock()
     kw = dict(trainer_kwargs, callbacks=[clock])
-    t0 = time.perf_counter()
+    t0 = now()
     losses = reconstruct_unit(unit, cache, rcfg, "bench", seed, channel_dim, kw)
-    return losses, clock.t, time.perf_counter() - t0
+    return losses, clock.t, since(t0)
 
 
 def bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim):
     """``reconstruct_unit`` without Lightning: the same module's step (``step_loss``), optimizer
     and scheduler (``configure_optimizers``), batches and seeds, in a plain loop."""
-    t0 = time.perf_counter()
+    t0 = now()
     unit = copy.deepcopy(chain_q)
     torch.manual_seed(seed)
     module = UnitReconstruction(unit, rcfg, "bench", channel_dim)
@@ -161,9 +167,9 @@ def bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim):
         opt.step()
         sched.step()
         losses.append(rec.detach())
-        t.append(time.perf_counter())
+        t.append(now())
     freeze(unit)
-    return [float(v) for v in losses], t, time.perf_counter() - t0
+    return [float(v) for v in losses], t, since(t0)
 
 
 # -- 2. the floor: a plain FP forward+backward of the pack ------------------------------
@@ -180,7 +186,7 @@ def fp_step_run(chain_f, cache, rcfg, seed, channel_dim):
         for p in params:
             p.grad = None
         loss.backward()
-        t.append(time.perf_counter())
+        t.append(now())
     return t
 
 
@@ -269,11 +275,25 @@ def in_child(args: List[str], env: Dict[str, str] = None) -> Tuple[str, str, int
 
 # -- report -------------------------------------------------------------------------------
 def med(xs) -> float:
-    return statistics.median(xs)
+    return statistics.median(list(xs))
 
 
-def gaps(t: List[float]) -> List[float]:
-    return [b - a for a, b in zip(t, t[1:])]
+def ms(t: Tuple[float, float]) -> str:
+    return f"{t[0] * 1e3:.1f} / {t[1] * 1e3:.1f}" if isinstance(t, tuple) else f"{t * 1e3:.1f}"
+
+
+def sec(t) -> str:
+    return f"{t[0]:.2f} / {t[1]:.2f}" if isinstance(t, tuple) else f"{t:.2f}"
+
+
+def since(t0: Tuple[float, float]) -> Tuple[float, float]:
+    t1 = now()
+    return t1[0] - t0[0], t1[1] - t0[1]
+
+
+def gaps(t: List[Tuple[float, float]], k: int) -> List[float]:
+    """Differences of consecutive ``now()`` readings: k = 0 wall, 1 CPU."""
+    return [b[k] - a[k] for a, b in zip(t, t[1:])]
 
 
 def main(argv=None) -> None:
@@ -303,60 +323,71 @@ def main(argv=None) -> None:
     # 3. scoring vs an FP forward+backward over the calibration set (the scores give the packs)
     sc_t, fp_t = [], []
     for _ in range(3):
-        t0 = time.perf_counter()
+        t0 = now()
         scores = s.scores()
-        sc_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        sc_t.append(since(t0))
+        t0 = now()
         fp_pass(s.fp_ref, s.x, s.y, SCORE_BS)
-        fp_t.append(time.perf_counter() - t0)
+        fp_t.append(since(t0))
     packs = make_packs(s.pcfg, s.names, scores["S"], s.seed)
     largest = s.largest_pack(scores)
     names = lambda p: "+".join(s.names[b] for b in p)  # noqa: E731
     print(f"[bench] packs {[names(p) for p in packs]}; largest {names(largest)}; "
           f"{rcfg.iters} steps x {args.repeats} runs per side", flush=True)
 
-    # 1 and 2 on every pack: Lightning, bare loop and the FP floor, alternating
+    # 1 and 2 on every pack: Lightning, bare loop and the FP floor, alternating. Per run: the
+    # median over its steps, wall and CPU; over runs: the median of those.
     per_pack = {}
     for pack in packs:
         chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
         cache = ActivationCache(q_h, f_h, f_out, rcfg.cache_dtype)
         cdim = _channel_dim(chain_q)
         m = {"n_alpha": sum(p.numel() for p in chain_f.parameters() if p.dim() > 1), "shape": list(q_h.shape),
-             "lt": [], "bt": [], "ft": [], "l_tot": [], "b_tot": [], "same": []}
+             "L": [], "B": [], "F": [], "L_fit": [], "B_fit": [], "same": []}
         for r in range(args.repeats):
-            l_loss, t, tot = lightning_run(chain_q, cache, rcfg, s.seed, cdim, s.trainer_kwargs)
-            m["lt"].append(med(gaps(t)))
-            m["l_tot"].append(tot)
-            b_loss, t, tot = bare_run(chain_q, cache, rcfg, s.seed, cdim)
-            m["bt"].append(med(gaps(t)))
-            m["b_tot"].append(tot)
-            m["ft"].append(med(gaps(fp_step_run(chain_f, cache, rcfg, s.seed, cdim))))
+            l_loss, t, fit = lightning_run(chain_q, cache, rcfg, s.seed, cdim, s.trainer_kwargs)
+            m["L"].append((med(gaps(t, 0)), med(gaps(t, 1))))
+            m["L_fit"].append(fit)
+            b_loss, t, fit = bare_run(chain_q, cache, rcfg, s.seed, cdim)
+            m["B"].append((med(gaps(t, 0)), med(gaps(t, 1))))
+            m["B_fit"].append(fit)
+            t = fp_step_run(chain_f, cache, rcfg, s.seed, cdim)
+            m["F"].append((med(gaps(t, 0)), med(gaps(t, 1))))
             m["same"].append(l_loss == b_loss)
-            print(f"[bench] {names(pack)} run {r}: step Lightning {m['lt'][-1] * 1e3:.1f} ms, bare "
-                  f"{m['bt'][-1] * 1e3:.1f} ms, FP fwd+bwd {m['ft'][-1] * 1e3:.1f} ms; whole fit "
-                  f"{m['l_tot'][-1]:.2f} s vs {m['b_tot'][-1]:.2f} s", flush=True)
+            print(f"[bench] {names(pack)} run {r}: step (wall / CPU ms) Lightning {ms(m['L'][-1])}, bare "
+                  f"{ms(m['B'][-1])}, FP fwd+bwd {ms(m['F'][-1])}; whole fit {sec(m['L_fit'][-1])} vs "
+                  f"{sec(m['B_fit'][-1])} s", flush=True)
+        for k in ("L", "B", "F", "L_fit", "B_fit"):
+            m[k] = (med(v[0] for v in m[k]), med(v[1] for v in m[k]))
         per_pack[names(pack)] = m
     m = per_pack[names(largest)]
-    lt, bt, ft = med(m["lt"]), med(m["bt"]), med(m["ft"])
-    rows = [
-        ("1. reconstruction step: Lightning / bare loop", f"{lt * 1e3:.1f} ms", f"{bt * 1e3:.1f} ms", lt / bt,
-         "target <= 1.10"),
-        ("1'. whole fit incl. Trainer set-up: Lightning / bare", f"{med(m['l_tot']):.2f} s",
-         f"{med(m['b_tot']):.2f} s", med(m["l_tot"]) / med(m["b_tot"]), f"{rcfg.iters} steps"),
-        ("2. reconstruction step / FP fwd+bwd of the pack", f"{lt * 1e3:.1f} ms", f"{ft * 1e3:.1f} ms", lt / ft,
-         "the floor"),
-        ("3. hessian_scores / FP fwd+bwd over the calib set", f"{med(sc_t):.2f} s", f"{med(fp_t):.2f} s",
-         med(sc_t) / med(fp_t), f"{len(s.names)} blocks, {len(s.x)} images, batch {SCORE_BS}"),
+    sc, fp = (med(v[0] for v in sc_t), med(v[1] for v in sc_t)), (med(v[0] for v in fp_t), med(v[1] for v in fp_t))
+    rows = [  # (measurement, measured (wall, CPU), reference (wall, CPU), unit, note)
+        ("1. reconstruction step: Lightning / bare loop", m["L"], m["B"], "ms", "target <= 1.10"),
+        ("1'. whole fit incl. Trainer set-up: Lightning / bare", m["L_fit"], m["B_fit"], "s",
+         f"{rcfg.iters} steps"),
+        ("2. reconstruction step / FP fwd+bwd of the pack", m["L"], m["F"], "ms", "the floor"),
+        ("3. hessian_scores / FP fwd+bwd over the calib set", sc, fp, "s",
+         f"{len(s.names)} blocks, {len(s.x)} images, batch {SCORE_BS}"),
     ]
+    table = ["| measurement | measured, wall | reference, wall | ratio, wall | measured, CPU | reference, CPU "
+             "| ratio, CPU | note |", "|---|---|---|---|---|---|---|---|"]
+    for name, a, b, unit, note in rows:
+        f = ms if unit == "ms" else sec
+        table.append(f"| {name} | {f(a[0])} {unit} | {f(b[0])} {unit} | {a[0] / b[0]:.3f} | {f(a[1])} {unit} | "
+                     f"{f(b[1])} {unit} | {a[1] / b[1]:.3f} | {note} |")
     pack_table = ["| pack | rounding variables | cache (each of 3) | step Lightning | step bare | Lightning / bare "
                   "| FP fwd+bwd | step / FP | identical losses |", "|---|---|---|---|---|---|---|---|---|"]
     for k, m in per_pack.items():
-        lt, bt, ft = med(m["lt"]), med(m["bt"]), med(m["ft"])
-        pack_table.append(f"| {k} | {m['n_alpha']} | {m['shape']} | {lt * 1e3:.1f} ms | {bt * 1e3:.1f} ms | "
-                          f"{lt / bt:.3f} | {ft * 1e3:.1f} ms | {lt / ft:.2f} | {sum(m['same'])}/{len(m['same'])} |")
+        (lw, lc), (bw, bc), (fw, fc) = m["L"], m["B"], m["F"]
+        pack_table.append(f"| {k} | {m['n_alpha']} | {m['shape']} | {ms(m['L'])} | {ms(m['B'])} | "
+                          f"{lw / bw:.3f} / {lc / bc:.3f} | {ms(m['F'])} | {lw / fw:.2f} / {lc / fc:.2f} | "
+                          f"{sum(m['same'])}/{len(m['same'])} |")
 
     # 4. memory, in child processes
+    mem = ["| measurement | measured | reference | ratio | note |", "|---|---|---|---|---|"]
     if not args.skip_memory:
+        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
         for dtype in ("float32", "float16"):
             # a fixed mmap threshold: glibc then returns every large block, and RSS follows tensors
             out, err, rc, _, _ = in_child(["--child", "cache", "--child-arg", dtype],
@@ -365,11 +396,10 @@ def main(argv=None) -> None:
                 print(err[-3000:])
                 continue
             c = json.loads(out.strip().splitlines()[-1])
-            mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-            rows.append((f"4a. cache ({dtype}): peak RSS growth while built / cache size", mib(c["peak"]),
-                         mib(c["nbytes"]), c["peak"] / c["nbytes"],
-                         f"held afterwards {mib(c['held'])} ({c['held'] / c['nbytes']:.2f} x size); the fp32 "
-                         f"tensors it is made from: {mib(c['fp32_inputs'])}; 3 x {c['shape']}"))
+            mem.append(f"| 4a. cache ({dtype}): peak RSS growth while built / cache size | {mib(c['peak'])} | "
+                       f"{mib(c['nbytes'])} | {c['peak'] / c['nbytes']:.2f} | held afterwards {mib(c['held'])} "
+                       f"({c['held'] / c['nbytes']:.2f} x size); the fp32 tensors it is made from: "
+                       f"{mib(c['fp32_inputs'])}; 3 x {c['shape']} |")
         with tempfile.TemporaryDirectory() as td:
             extra = [f"recon.iters={args.run_iters}"] if args.run_iters is not None else []
             _, err, rc, secs, rss = in_child(["--child", "run", "--child-arg", td]
@@ -377,11 +407,10 @@ def main(argv=None) -> None:
             if rc != 0:
                 print(err[-3000:])
             it = args.run_iters if args.run_iters is not None else s.rcfg.iters
-            rows.append(("4b. whole Pack-PTQ run: peak RSS / 1.5 GB target", f"{rss / 1e9:.3f} GB", "1.5 GB",
-                         rss / 1.5e9, f"{len(s.x)} calib images, recon.iters={it}, {secs:.0f} s wall, exit {rc}"))
+            mem.append(f"| 4b. whole Pack-PTQ run: peak RSS / 1.5 GB target | {rss / 1e9:.3f} GB | 1.5 GB | "
+                       f"{rss / 1.5e9:.2f} | {len(s.x)} calibration images, recon.iters={it}, {secs:.0f} s wall, "
+                       f"exit {rc} |")
 
-    table = ["| measurement | measured | reference | ratio | note |", "|---|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {r:.2f} | {n} |" for a, b, c, r, n in rows]
     machine = (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, CPU only; torch "
                f"{torch.__version__} on 1 thread, lightning {L.__version__}, Python {platform.python_version()}")
     text = "\n".join([
@@ -392,13 +421,14 @@ def main(argv=None) -> None:
         f"calibration images, Hessian packing ({s.pcfg.loss} score) -> {[names(p) for p in packs]}; the largest "
         f"pack is {names(largest)}. Batch {rcfg.batch_size}, {rcfg.iters} steps per run ({rcfg.warmup:.0%} without "
         f"the regulariser); per-step time = median gap between step ends; tables = medians over {args.repeats} "
-        "runs, Lightning, bare loop and FP floor alternating.", "",
+        "runs, Lightning, bare loop and FP floor alternating. Wall time includes waiting for the other jobs on "
+        "the machine; CPU time (this process) does not.", "",
         *table, "",
-        "Items 1 and 2 on every pack (bare loop: the same module's `step_loss`, optimizer and scheduler in a "
-        "plain loop; identical losses = same seed gives the same per-step losses):", "",
+        "Items 1 and 2 on every pack, wall / CPU (bare loop: the same module's `step_loss`, optimizer and "
+        "scheduler in a plain loop; identical losses: the same seed gave the same per-step losses):", "",
         *pack_table, "",
-        "Scoring runs (s): " + ", ".join(f"{v:.2f}" for v in sc_t)
-        + "; FP passes (s): " + ", ".join(f"{v:.2f}" for v in fp_t) + ".",
+        "Memory:", "",
+        *mem, "",
     ]) + "\n"
     print(text)
     if args.out:
