@@ -259,18 +259,27 @@ def child_run(run_dir: str, extra: List[str]) -> None:
     pipeline.run(cfg, overrides=extra)
 
 
+#: Starts the measured child from a small process: a child forked from this (large) one would
+#: count this process's pages in its peak RSS until it execs.
+_LAUNCHER = """import os, sys
+pid = os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable] + sys.argv[1:])
+_, status, ru = os.wait4(pid, 0)
+print("MAXRSS_KIB", ru.ru_maxrss, os.waitstatus_to_exitcode(status), file=sys.stderr)
+"""
+
+
 def in_child(args: List[str], env: Dict[str, str] = None) -> Tuple[str, str, int, float, int]:
     """Run this script with ``args`` in a child process, 1 thread; return (stdout, stderr, exit
     code, seconds, peak RSS in bytes of that child alone, from ``os.wait4``)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, __file__] + args, stdout=out, stderr=err,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        _, status, ru = os.wait4(p.pid, 0)
+        subprocess.run([sys.executable, "-c", _LAUNCHER, __file__] + args, stdout=out, stderr=err,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         secs = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
-        return out.read(), err.read(), p.returncode, secs, ru.ru_maxrss * 1024  # ru_maxrss is in KiB
+        stdout, stderr = out.read(), err.read()
+    _, kib, rc = stderr.strip().splitlines()[-1].split()
+    return stdout, stderr, int(rc), secs, int(kib) * 1024
 
 
 # -- report -------------------------------------------------------------------------------
