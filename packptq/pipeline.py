@@ -27,7 +27,7 @@ from packptq.quant import (QuantConfig, QuantLayer, act_quantizers, calibrate, f
                            quantize_model, set_quant_state)
 from packptq.quant.convert import execution_order, fold_bn
 from packptq.reconstruct import ActivationCache, ReconConfig, reconstruct_unit
-from packptq.train_fp import predict, top1, train_or_load
+from packptq.train_fp import fp_cache_key, predict, top1, train_or_load
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 
@@ -232,7 +232,10 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         check_split(model, split, x_cal[:2], atol=1e-4)
         calib_fp = dm.fingerprint()
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-        resumed = rd.guard(hash_obj(cfg_dict, VOLATILE), calib_fp)
+        # the FP model's cache key carries its training-code version: a retrained FP model
+        # under the same config must not resume on artifacts computed from the old one
+        fp_key = None if (mcfg.checkpoint or mcfg.pretrained) else fp_cache_key(mcfg, dm.cfg)
+        resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp_key}, VOLATILE), calib_fp)
         if not (mcfg.checkpoint or mcfg.pretrained):
             model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir), trainer_kwargs)
         model.to(device).eval()

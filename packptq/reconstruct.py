@@ -6,6 +6,7 @@ DataLoader work per step); only the unit being trained sits on the training devi
 is one ``Trainer.fit(max_steps=iters)``; afterwards it is frozen (hard rounding, no drop)."""
 from __future__ import annotations
 
+import gc
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,7 +273,7 @@ class UnitReconstruction(L.LightningModule):
         rec_v = rec.detach()
         self.losses.append(rec_v)
         if self.logger is not None and (batch_idx % self.cfg.log_every == 0 or batch_idx == self.cfg.iters - 1):
-            self.logger.log_metrics({f"recon/{self.key}/loss": float(rec_v), f"recon/{self.key}/total": float(loss)},
+            self.logger.log_metrics({f"recon/{self.key}/loss": float(rec_v), f"recon/{self.key}/total": float(loss.detach())},
                                     step=self.step_offset + batch_idx)
         return loss
 
@@ -329,4 +330,23 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     freeze(unit)
     for m in module.aqs:
         m.training = False
-    return [float(v) for v in module.losses]
+    losses = [float(v) for v in module.losses]
+    # the trainer and the module refer to each other: without a collection here, each unit's
+    # optimizer state and weight buffers (about 4x its weights) outlived it until the end of the
+    # run (+500 MB peak RSS on resnet18 block-wise, measured)
+    trainer.strategy.teardown()
+    del trainer, module
+    gc.collect()
+    _release_freed_memory()
+    return losses
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: +200 MB of RSS over the
+    layer4 units of resnet18, measured); a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

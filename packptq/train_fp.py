@@ -28,7 +28,13 @@ class Classifier(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.wd)
+        # no weight decay on norm scales and biases: decayed, the zero-initialised last BN of each
+        # residual branch stays near 0 and the network degenerates to its shortcut path (one 1x1
+        # conv per stage), which no 4-bit quantizer survives (docs/decisions.md)
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() > 1]
+        rest = [p for p in self.model.parameters() if p.requires_grad and p.dim() <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.wd}, {"params": rest, "weight_decay": 0.0}],
+                                lr=self.lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.total, pct_start=0.15)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -36,7 +42,7 @@ class Classifier(L.LightningModule):
 def fp_cache_key(model_cfg, data_cfg) -> str:
     """The FP model depends on the model and data config (split seed included), not on the
     run seed: every PTQ seed starts from the same trained network."""
-    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 2}  # v2: BN trains
+    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 3}  # v2: BN trains; v3: no decay on norms/biases
     for k in ("checkpoint", "pretrained"):
         desc["model"].pop(k, None)
     desc["data"].pop("calib_size", None)
