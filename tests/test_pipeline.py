@@ -295,3 +295,26 @@ def test_fp_training_trains_batchnorm(trained_tiny):
     bns = [m for m in trained_tiny[0].modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(int(m.num_batches_tracked) > 0 for m in bns)
     assert any(not torch.allclose(m.running_var, torch.ones_like(m.running_var)) for m in bns)
+
+
+def test_fp_training_decays_weights_but_not_norms_or_biases():
+    from packptq.train_fp import Classifier
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    opt = Classifier(model, lr=1e-3, wd=0.05, epochs=1, steps_per_epoch=1).configure_optimizers()["optimizer"]
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() > 1), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
+    """The FP cache key carries the training-code version: rerunning a finished run directory
+    under a retrained FP model (same config) is refused instead of mixing their artifacts."""
+    from packptq import train_fp
+
+    _, run_dir, cfg = policy_run("none")
+    key = train_fp.fp_cache_key
+    monkeypatch.setattr(pipeline, "fp_cache_key", lambda m, d: key(m, d) + "-retrained")
+    with pytest.raises(ConfigError, match="different config"):
+        pipeline.run(cfg)
