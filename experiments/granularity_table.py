@@ -58,6 +58,22 @@ def main() -> None:
             for k, n in found.most_common(6):
                 lines.append(f"- {p}: `{k}` ({n} runs)")
         lines.append("")
+        sc = g[g.packing_policy == "hessian"]
+        if len(sc):
+            lines += ["Hessian scores S per block (loss `kl`, mean over the hessian runs; a pack starts at each "
+                      "new running minimum from the left):", ""]
+            per_block = {}
+            for rd in sc["run_dir"]:
+                s_json = json.loads((Path(rd) / "scores.json").read_text())
+                for n, v in zip(s_json["names"], s_json["S"]):
+                    per_block.setdefault(n, []).append(v)
+            lines.append("| " + " | ".join(per_block) + " |")
+            lines.append("|" + "---|" * len(per_block))
+            lines.append("| " + " | ".join(f"{sum(v) / len(v):.3g}" for v in per_block.values()) + " |")
+            lines.append("")
+    lines += ["Regenerate (about an hour on 2 cores): `experiments/run_granularity.sh`, which runs",
+              "`packptq experiment=ablation_granularity`, `packptq experiment=ablation_granularity_deit` and",
+              "`python experiments/granularity_table.py multirun/ablation_granularity --out experiments/results`.", ""]
     (out / "granularity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
