@@ -261,6 +261,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         rtn = _cached_eval(rd, "rtn.json", qmodel, dm, device, fp_preds, meta)
         rd.save_pt("calib.pt", unit_state(qmodel))
     print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
+    del model, split  # the unfolded FP network: fp_ref and qmodel are what the phases below use
 
     scores = None
     if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):

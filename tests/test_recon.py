@@ -279,3 +279,36 @@ def test_every_unit_logs_its_loss_with_increasing_steps(tmp_path, trained_tiny):
         assert len(steps[k]) == 4  # steps 0, 4, 8 and the last one (11)
     final = {k for _, m in log.records for k in m if k.startswith("eval/")}
     assert {"eval/fp_top1", "eval/quant_top1", "eval/rtn_top1", "eval/agreement"} <= final
+
+
+@pytest.mark.parametrize("beta", [None, 12.0])
+def test_fused_soft_rounding_equals_autograd_through_the_quantizers(beta):
+    """UnitReconstruction's fused step (one autograd node per weight, values recomputed in
+    backward) gives the output, regulariser and gradients of the plain module graph."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # weights beyond the grid's range: the clamp to [0, qmax] is exercised
+    ql = QuantLayer(conv, w_bits=3, a_bits=8, w_method="minmax")
+    with torch.no_grad():
+        ql.wq.scale.mul_(0.7)
+        ql.aq.q.scale.fill_(0.05)
+        ql.aq.q.initialized.fill_(True)
+    unit = nn.Sequential(ql, nn.ReLU())
+    x = torch.randn(4, 6, 5, 5)
+    cfg = ReconConfig(iters=10, learn_act=False)
+    module = UnitReconstruction(unit, cfg, "u")
+    alpha = ql.wq.alpha
+    with torch.no_grad():
+        alpha.add_(torch.randn_like(alpha) * 3)  # some h clamped at 0 or 1
+    out, reg = module._forward(x, beta)
+    loss = out.square().sum() + (reg if beta is not None else 0)
+    (g_fused,) = torch.autograd.grad(loss, alpha)
+    ref_out = unit(x)
+    ref_loss = ref_out.square().sum() + (ql.wq.round_reg(beta) if beta is not None else 0)
+    (g_ref,) = torch.autograd.grad(ref_loss, alpha)
+    assert torch.equal(out, ref_out)
+    if beta is not None:
+        torch.testing.assert_close(reg, ql.wq.round_reg(beta), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-6)
+    assert (g_ref == 0).any() and (g_ref != 0).any()
