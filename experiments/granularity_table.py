@@ -14,7 +14,7 @@ import pandas as pd
 
 from packptq.report import collect, summarize
 
-ORDER = ["none", "layer", "block", "hessian", "random", "net"]
+ORDER = ["none", "layer", "block", "hessian", "hessian (ce)", "hessian (official)", "random", "net"]
 
 
 def main() -> None:
@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--out", default="experiments/results")
     args = ap.parse_args()
     df = collect(args.dirs)
+    # Hessian packing under the other loss choices gets rows of its own: "hessian (ce)"
+    other = (df["packing_policy"] == "hessian") & (df["packing_loss"].fillna("kl") != "kl")
+    df.loc[other, "packing_policy"] = "hessian (" + df.loc[other, "packing_loss"] + ")"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "granularity.csv", index=False)
@@ -49,7 +52,7 @@ def main() -> None:
             lines.append(f"| {p} | " + " | ".join(cells) + f" | {t:.0f} |")
         lines.append("")
         lines += ["Packs found (block names, from `packs.json`; count of runs):", ""]
-        for p in ("hessian", "random"):
+        for p in ("hessian", "hessian (ce)", "hessian (official)", "random"):
             sub = g[g.packing_policy == p]
             found = Counter()
             for rd in sub["run_dir"]:
@@ -58,22 +61,27 @@ def main() -> None:
             for k, n in found.most_common(6):
                 lines.append(f"- {p}: `{k}` ({n} runs)")
         lines.append("")
-        sc = g[g.packing_policy == "hessian"]
-        if len(sc):
-            lines += ["Hessian scores S per block (loss `kl`, mean over the hessian runs; a pack starts at each "
-                      "new running minimum from the left):", ""]
+        rows = []
+        for p in ("hessian", "hessian (ce)", "hessian (official)"):
+            sc = g[g.packing_policy == p]
             per_block = {}
             for rd in sc["run_dir"]:
                 s_json = json.loads((Path(rd) / "scores.json").read_text())
                 for n, v in zip(s_json["names"], s_json["S"]):
                     per_block.setdefault(n, []).append(v)
-            lines.append("| " + " | ".join(per_block) + " |")
-            lines.append("|" + "---|" * len(per_block))
-            lines.append("| " + " | ".join(f"{sum(v) / len(v):.3g}" for v in per_block.values()) + " |")
-            lines.append("")
+            if per_block:
+                names = list(per_block)
+                rows.append(f"| {p} | " + " | ".join(f"{sum(v) / len(v):.3g}" for v in per_block.values()) + " |")
+        if rows:
+            lines += ["Hessian scores S per block (mean over the runs of each loss choice; a pack starts at each "
+                      "new running minimum from the left):", "",
+                      "| loss | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1), *rows, ""]
     lines += ["Regenerate (about an hour on 2 cores): `experiments/run_granularity.sh`, which runs",
               "`packptq experiment=ablation_granularity`, `packptq experiment=ablation_granularity_deit` and",
               "`python experiments/granularity_table.py multirun/ablation_granularity --out experiments/results`.", ""]
+    notes = out / "granularity_notes.md"  # the hand-written reading of the table, if any
+    if notes.is_file():
+        lines += [notes.read_text()]
     (out / "granularity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
