@@ -267,11 +267,9 @@ BAD = [
 def test_bad_input_fails_fast_with_config_error(overrides, match, tmp_path, no_heavy_compute):
     overrides = [o.replace("GARBAGE", garbage_file(tmp_path)) for o in overrides]
     run_dir = tmp_path / "run"
-    t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=match) as exc:
+    with pytest.raises(ConfigError, match=match) as exc:  # no_heavy_compute: before any training
         pipeline.run(tiny_cfg(run_dir, *overrides))
     assert "\n" not in str(exc.value)  # one line that says what to fix
-    assert time.perf_counter() - t0 < 60
     assert not (run_dir / "results.json").exists() and not (run_dir / "fp.json").exists()
 
 
