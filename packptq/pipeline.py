@@ -234,9 +234,10 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
         # the FP model's cache key carries its training-code version: a retrained FP model
         # under the same config must not resume on artifacts computed from the old one
-        fp_key = None if (mcfg.checkpoint or mcfg.pretrained) else fp_cache_key(mcfg, dm.cfg)
+        trains_fp = not (mcfg.checkpoint or mcfg.pretrained)
+        fp_key = fp_cache_key(mcfg, dm.cfg) if trains_fp else None
         resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp_key}, VOLATILE), calib_fp)
-        if not (mcfg.checkpoint or mcfg.pretrained):
+        if trains_fp:
             model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir), trainer_kwargs)
         model.to(device).eval()
         if rd.has("fp.json"):

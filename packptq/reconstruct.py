@@ -108,22 +108,23 @@ class _SoftRound(torch.autograd.Function):
     one autograd node over a whole weight tensor (what ``WeightQuantizer.forward`` in soft mode
     and ``WeightQuantizer.round_reg`` compute, minus their repeated work).
 
-    Per step, on tensors as large as the weights, it saves: floor(w / s), which is constant
-    (``base``, precomputed); the second h(V) (one for both uses); the ``pow`` in the backward
-    (|2h - 1|^beta is kept from the forward); and autograd's per-op bookkeeping. The weight and
-    its gradient are bit-identical to autograd's without the regulariser; with it, equal to float
-    rounding. ``s`` and ``z`` are the per-channel scale and zero point viewed to broadcast."""
+    floor(w / s) is constant over a fit and comes in precomputed (``base``); h(V) serves both the
+    weight and the regulariser; |2h - 1|^beta is computed once and its derivative factor kept for
+    the backward, which recomputes the sigmoid and the two clamp masks instead of holding them
+    (memory over time: three weight-sized tensors fewer per step). The weight and its gradient
+    are bit-identical to autograd's without the regulariser; with it, equal to float rounding.
+    ``s`` and ``z`` are the per-channel scale and zero point viewed to broadcast."""
 
     @staticmethod
-    def _h(alpha):
-        """(u, h): the stretched sigmoid of V and its clamp to [0, 1], in a fresh tensor each."""
-        u = torch.sigmoid(alpha).mul_(WeightQuantizer.zeta - WeightQuantizer.gamma).add_(WeightQuantizer.gamma)
-        return u, u.clamp(0, 1)
+    def _h(sig, inplace: bool = False):
+        """(u, h): sigmoid(V) stretched to (gamma, zeta) and its clamp to [0, 1]; with
+        ``inplace`` both overwrite ``sig`` (u is then h), else each is a fresh tensor."""
+        u = (sig.mul_ if inplace else sig.mul)(WeightQuantizer.zeta - WeightQuantizer.gamma).add_(WeightQuantizer.gamma)
+        return u, (u.clamp_(0, 1) if inplace else u.clamp(0, 1))
 
     @staticmethod
     def forward(ctx, alpha, base, s, z, qmax: int, beta: Optional[float]):
-        u, h = _SoftRound._h(alpha)
-        del u
+        h = _SoftRound._h(torch.sigmoid(alpha), inplace=True)[1]
         w = (base + h).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
         ctx.beta, ctx.qmax = beta, qmax
         # saved: the inputs (alive anyway) and, with the regulariser, its gradient factor; the
@@ -147,7 +148,8 @@ class _SoftRound(torch.autograd.Function):
     def backward(ctx, g_w, g_reg):
         # autograd's operations in autograd's order (bit-identical without the regulariser)
         alpha, base, s, z = ctx.saved_tensors[:4]
-        u, h = _SoftRound._h(alpha)
+        sig = torch.sigmoid(alpha)
+        u, h = _SoftRound._h(sig)
         out_u = h != u  # where the clamp to [0, 1] passes no gradient
         del u
         t = (base + h).add_(z)
@@ -158,7 +160,7 @@ class _SoftRound(torch.autograd.Function):
         if ctx.beta is not None:
             g.addcmul_(ctx.saved_tensors[4], g_reg * (-2.0 * ctx.beta))
         g.masked_fill_(out_u, 0.0).mul_(WeightQuantizer.zeta - WeightQuantizer.gamma)
-        return torch.ops.aten.sigmoid_backward(g, torch.sigmoid(alpha)), None, None, None, None, None
+        return torch.ops.aten.sigmoid_backward(g, sig), None, None, None, None, None
 
 
 @contextmanager
