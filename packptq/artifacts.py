@@ -75,6 +75,15 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def hash_obj(obj: Any, drop: Optional[tuple] = None) -> str:
     if isinstance(obj, dict) and drop:
         obj = {k: v for k, v in obj.items() if k not in drop}

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from packptq import precision
-from packptq.artifacts import RunDir, hash_obj
+from packptq.artifacts import RunDir, file_digest, hash_obj
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
 from packptq.packing import PackingConfig, hessian_scores, make_packs
@@ -235,7 +235,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         # the FP model's cache key carries its training-code version: a retrained FP model
         # under the same config must not resume on artifacts computed from the old one
         trains_fp = not (mcfg.checkpoint or mcfg.pretrained)
-        fp_key = fp_cache_key(mcfg, dm.cfg) if trains_fp else None
+        # ... and a checkpoint's content: a new file under the same path is a different model
+        fp_key = fp_cache_key(mcfg, dm.cfg) if trains_fp else file_digest(mcfg.checkpoint) if mcfg.checkpoint else None
         resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp_key}, VOLATILE), calib_fp)
         if trains_fp:
             model, fp_path = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir), trainer_kwargs)

@@ -246,6 +246,13 @@ def garbage_file(tmp_path: Path) -> str:
     return str(p)
 
 
+def misfit_file(tmp_path: Path) -> str:
+    """A state dict for RGB input: the tiny setting's digits have one channel."""
+    p = tmp_path / "rgb.pt"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, p)
+    return str(p)
+
+
 BAD = [
     (["model.name=resnet_nonexistent_42"], "unknown model 'resnet_nonexistent_42'"),
     (["quant.w_bits=9"], "w_bits=9"),
@@ -254,6 +261,7 @@ BAD = [
     (["data.calib_size=100000"], "calib_size=100000 is larger than the training split"),
     (["model.checkpoint=/nonexistent/model.pt"], "model.checkpoint=/nonexistent/model.pt does not exist"),
     (["model.checkpoint=GARBAGE"], "cannot read checkpoint"),
+    (["model.checkpoint=MISFIT"], r"1 shape mismatches: conv1.weight model \(64, 1, 7, 7\) vs checkpoint \(64, 3, 7, 7\)"),
     (["+recon.foo=1"], "bad 'recon' config"),
     (["+quant.wbits=3"], "bad 'quant' config"),
     (["+packing.polcy=block"], "bad 'packing' config"),
@@ -265,7 +273,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,match", BAD, ids=[o[0] for o, _ in BAD])
 def test_bad_input_fails_fast_with_config_error(overrides, match, tmp_path, no_heavy_compute):
-    overrides = [o.replace("GARBAGE", garbage_file(tmp_path)) for o in overrides]
+    overrides = [o.replace("GARBAGE", garbage_file(tmp_path)).replace("MISFIT", misfit_file(tmp_path)) for o in overrides]
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=match) as exc:  # no_heavy_compute: before any training
         pipeline.run(tiny_cfg(run_dir, *overrides))
@@ -316,3 +324,55 @@ def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
     monkeypatch.setattr(pipeline, "fp_cache_key", lambda m, d: key(m, d) + "-retrained")
     with pytest.raises(ConfigError, match="different config"):
         pipeline.run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command-line contract other tools script against (issue 2)
+# ---------------------------------------------------------------------------------------------
+def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, monkeypatch):
+    """``packptq model=resnet18 model.checkpoint=PATH data=npz data.path=PATH data.calib_size=N
+    quant.w_bits=3 quant.a_bits=3 packing=block recon.iters=N recon.batch_size=32 seed=0 logger=csv``
+    on a user's npz and a Lightning checkpoint of a trained network: FP top-1 is that network's
+    on the npz test split, the run trains nothing, and the CSV log holds per-unit losses."""
+    import csv
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from packptq import cli as cli_mod
+    from packptq.train_fp import predict, top1
+
+    model, dm, _ = trained_tiny
+    xs, ys = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))
+    xt, yt = zip(*(dm.test_set[i] for i in range(len(dm.test_set))))
+    x = torch.stack([*xs, *xt]).numpy().astype("float32")
+    y = torch.as_tensor([*ys, *yt]).numpy().astype("int64")
+    n_train = len(xs)
+    import numpy as np
+
+    npz = tmp_path / "user.npz"
+    np.savez(npz, x=x, y=y, train=np.arange(n_train), test=np.arange(n_train, len(x)))
+    ckpt = tmp_path / "fp.ckpt"  # a Lightning checkpoint of a LightningModule holding `model`
+    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    preds, labels = predict(model, dm.test_dataloader())
+    want_fp = top1(preds, labels, 10)
+
+    run_dir = tmp_path / "run"
+    args = ["model=resnet18", "+model.kwargs.channels=[8,16,32,64]", f"model.checkpoint={ckpt}", "data=npz",
+            f"data.path={npz}", "data.calib_size=64", "quant.w_bits=3", "quant.a_bits=3", "packing=block",
+            "recon.iters=20", "recon.batch_size=32", "seed=0", "logger=csv", "progress=false",
+            f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'empty_cache'}"]
+    monkeypatch.setattr(sys, "argv", ["packptq", *args])
+    monkeypatch.setattr(pipeline, "train_or_load", lambda *a, **k: pytest.fail("trained an FP model"))
+    try:
+        cli_mod.main()
+    finally:
+        GlobalHydra.instance().clear()
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["fp_top1"] == pytest.approx(want_fp, abs=1e-6)
+    assert res["config"]["data"]["name"] == "npz" and res["config"]["model"]["checkpoint"] == str(ckpt)
+    assert 2.9 < res["w_bits_avg"] < 3.6 and res["quant_top1"] > res["rtn_top1"]
+    assert len(res["units"]) == 10  # stem conv, 8 blocks, classifier
+    rows = list(csv.DictReader(open(next(run_dir.glob("logs/version_*/metrics.csv")))))
+    loss_keys = {k for r in rows for k, v in r.items() if k.startswith("recon/") and k.endswith("/loss") and v}
+    assert len(loss_keys) == len(res["units"]), sorted(loss_keys)
+    assert any(r.get("eval/quant_top1") for r in rows)

@@ -279,3 +279,47 @@ def test_model_kwargs_pass_typed():
 def test_timm_config_needs_a_name():
     with pytest.raises(ConfigError):
         model_cfg("timm")
+
+
+def test_checkpoint_shapes_win_over_config_defaults(tmp_path):
+    """A checkpoint trained with another patch size / class count loads under the zoo config: the
+    model is rebuilt with the checkpoint's shapes and reproduces the saved model's outputs."""
+    src = timm.create_model("deit_tiny_patch16_224", num_classes=12, in_chans=1, img_size=16, patch_size=4).eval()
+    path = tmp_path / "deit.pt"
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)  # DataParallel keys
+    meta = {"num_classes": 10, "in_chans": 1, "img_size": 16}
+    cfg = model_cfg("deit_tiny_patch16_224", checkpoint=str(path))
+    assert cfg.patch_size == 7  # the embedded default, which the checkpoint overrides
+    model = build_model(cfg, meta)
+    assert model.patch_embed.patch_size == (4, 4) and meta["num_classes"] == 12
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(model(x), src(x))
+
+    with pytest.raises(ConfigError, match="built for 16x16 inputs"):
+        build_model(cfg, {"num_classes": 10, "in_chans": 1, "img_size": 28})
+    with pytest.raises(ConfigError, match="12-class head but the data has labels up to 19"):
+        build_model(cfg, {"num_classes": 20, "in_chans": 1, "img_size": 16})
+
+
+def test_checkpoint_that_cannot_fit_says_why(tmp_path):
+    """An RGB resnet18 checkpoint on 1-channel data: one ConfigError naming the mismatched tensor."""
+    path = tmp_path / "r18.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in
+                               timm.create_model("resnet18", num_classes=10, in_chans=3).state_dict().items()}}, path)
+    ok = build_model(model_cfg("resnet18", checkpoint=str(path)), {"num_classes": 10, "in_chans": 3, "img_size": 32})
+    assert ok.conv1.weight.shape[1] == 3
+    with pytest.raises(ConfigError, match=r"conv1.weight model \(64, 1, 7, 7\) vs checkpoint \(64, 3, 7, 7\)"):
+        build_model(model_cfg("resnet18", checkpoint=str(path)), {"num_classes": 10, "in_chans": 1, "img_size": 32})
+    torch.save({"epoch": 3}, path)
+    with pytest.raises(ConfigError, match="holds no tensors"):
+        build_model(model_cfg("resnet18", checkpoint=str(path)), {"num_classes": 10, "in_chans": 3, "img_size": 32})
+
+
+def test_pretrained_without_the_hub_is_one_config_error(tmp_path, monkeypatch):
+    """Offline with an empty hub cache, ``model.pretrained=true`` stops with what to do instead."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="could not get mobilenetv2_100's pretrained weights.*model.checkpoint=PATH"):
+        build_model(model_cfg("mobilenetv2_100"), {"num_classes": 10, "in_chans": 3, "img_size": 32})

@@ -54,21 +54,44 @@ def build_timm(cfg: ModelConfig, meta: dict) -> nn.Module:
         if cfg.patch_size is not None:
             kw["patch_size"] = cfg.patch_size
     kw.update(cfg.kwargs)
-    return timm.create_model(cfg.name, pretrained=cfg.pretrained, **kw)
+    if not cfg.pretrained:
+        return timm.create_model(cfg.name, **kw)
+    try:
+        return timm.create_model(cfg.name, pretrained=True, **kw)
+    except (OSError, RuntimeError, ValueError) as exc:  # hub unreachable, weights not in the local cache
+        raise ConfigError(f"model.pretrained=true: timm could not get {cfg.name}'s pretrained weights "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); offline, give "
+                          f"model.checkpoint=PATH, or model.pretrained=false to train on the data") from None
 
 
 def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
-    """Build the FP model for a dataset described by ``meta`` (num_classes, in_chans, img_size)."""
+    """Build the FP model for a dataset described by ``meta`` (num_classes, in_chans, img_size).
+
+    With a checkpoint, the shapes it was trained with win over the config's defaults: the class
+    count, a ViT's patch size and its image size are read from the checkpoint's tensors and the
+    model is built with them (so ``model=deit_tiny_patch16_224 model.checkpoint=PATH`` works with
+    whatever patch size the checkpoint used). ``meta["num_classes"]`` is updated in place when the
+    checkpoint's head has more classes than the data's labels show; fewer is an error."""
     builder = BUILDERS.get(cfg.name) if cfg.name in BUILDERS else BUILDERS.get("timm")
+    if not cfg.checkpoint:
+        return builder(cfg, meta).eval()
+    sd = read_state_dict(cfg.checkpoint)
     model = builder(cfg, meta)
-    if cfg.checkpoint:
-        load_checkpoint(model, cfg.checkpoint)
+    if shape_mismatches(model, sd):
+        cfg, meta_ck = _shapes_from_checkpoint(cfg, meta, model, sd)
+        if meta_ck["num_classes"] != meta["num_classes"]:
+            print(f"[packptq] checkpoint head has {meta_ck['num_classes']} classes (data labels: "
+                  f"{meta['num_classes']}); using {meta_ck['num_classes']}")
+            meta["num_classes"] = meta_ck["num_classes"]
+        model = builder(cfg, meta)
+    load_checkpoint(model, cfg.checkpoint, sd)
     return model.eval()
 
 
-def load_checkpoint(model: nn.Module, path: str) -> dict:
-    """Load a plain state dict, or the ``state_dict`` of a Lightning checkpoint (keys with a
-    ``model.`` prefix are accepted), with ``weights_only=True``. Returns missing/unexpected keys."""
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a plain state dict or of a Lightning checkpoint's ``state_dict``, read with
+    ``weights_only=True``. A ``model.`` (LightningModule) or ``module.`` (DataParallel) prefix on
+    every key is removed."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -76,8 +99,73 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     sd = obj.get("state_dict", obj)
-    if any(k.startswith("model.") for k in sd) and not any(k in model.state_dict() for k in sd):
-        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"checkpoint {path} holds no tensors (keys {list(obj)[:5]}); expected a state dict")
+    for prefix in ("model.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def shape_mismatches(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+    """Keys present in both whose shapes differ: name -> (model shape, checkpoint shape)."""
+    own = model.state_dict()
+    return {k: (tuple(own[k].shape), tuple(v.shape)) for k, v in sd.items()
+            if k in own and own[k].shape != v.shape}
+
+
+def _classifier_key(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear):
+        for name, mod in model.named_modules():
+            if mod is head:
+                return f"{name}.weight"
+    return None
+
+
+def _shapes_from_checkpoint(cfg: ModelConfig, meta: dict, model: nn.Module, sd: Dict[str, torch.Tensor]):
+    """Config and meta with the class count, patch size and image size the checkpoint was built
+    with (read from the classifier, ``patch_embed.proj`` and ``pos_embed`` tensors)."""
+    from dataclasses import replace
+
+    meta = dict(meta)
+    head = _classifier_key(model)
+    if head and head in sd:
+        n = int(sd[head].shape[0])
+        if n < meta["num_classes"]:
+            raise ConfigError(f"checkpoint {cfg.checkpoint} has a {n}-class head but the data has labels "
+                              f"up to {meta['num_classes'] - 1}; wrong checkpoint or data?")
+        meta["num_classes"] = n
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4 and proj.shape[-1] == proj.shape[-2]:
+        patch = int(proj.shape[-1])
+        over = {"patch_size": patch}
+        pos, prefix = sd.get("pos_embed"), int(getattr(model, "num_prefix_tokens", 0))
+        if pos is not None and pos.dim() == 3:
+            grid = round((pos.shape[1] - prefix) ** 0.5)
+            if grid * grid == pos.shape[1] - prefix:
+                img = grid * patch
+                data_img = meta.get("img_size")
+                if data_img is not None and data_img != img:
+                    raise ConfigError(f"checkpoint {cfg.checkpoint} was built for {img}x{img} inputs "
+                                      f"(pos_embed has {grid}x{grid} patches of {patch}); the data gives "
+                                      f"{data_img}: resize the data or use a matching checkpoint")
+                over["img_size"] = img
+        cfg = replace(cfg, **over)
+    return cfg, meta
+
+
+def load_checkpoint(model: nn.Module, path: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+    """Load a checkpoint (see ``read_state_dict``) into ``model``; shapes must match. Returns the
+    missing and unexpected keys, which are also printed."""
+    sd = read_state_dict(path) if sd is None else sd
+    bad = shape_mismatches(model, sd)
+    if bad:
+        lines = ", ".join(f"{k} model {a} vs checkpoint {b}" for k, (a, b) in list(bad.items())[:4])
+        raise ConfigError(f"checkpoint {path} does not fit {type(model).__name__} built for this data "
+                          f"({len(bad)} shape mismatches: {lines}); check model=, data.num_classes, "
+                          f"model.img_size, model.patch_size and the data's channels")
     res = model.load_state_dict(sd, strict=False)
     report = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
     if report["missing"] or report["unexpected"]:
