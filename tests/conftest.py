@@ -83,6 +83,7 @@ def trained_tiny(tmp_path_factory):
     cfg = tiny_cfg(tmp_path_factory.mktemp("trained_tiny"))
     dm = build_datamodule(cfg.data)
     mcfg = typed(ModelConfig, cfg.model, "model")
+    torch.manual_seed(dm.cfg.seed)  # as pipeline.run: one FP initialisation, every session the same
     model = build_model(mcfg, dm.meta())
     dm.attach_model(model)
     dm.setup()

@@ -137,11 +137,15 @@ def test_results_of_each_policy(policy, policy_run):
         assert res["scores"] is None
 
 
-def test_reconstruction_beats_rtn_agreement(policy_run):
-    # block-wise reconstruction moves the quantized model towards FP predictions
-    res = policy_run("block")[0]
-    assert res["agreement"] >= res["rtn_agreement"] - 2.0
-    assert all(len(v) == 2 for v in res["recon_loss"].values())
+def test_block_reconstruction_beats_rtn_where_rtn_loses(trained_tiny, tmp_path):
+    """At W3A3 the tiny network loses 24 points under RTN (93.0 -> 69.0, seed 0); 50 block-wise
+    steps per unit win back 7.25 points of top-1 and 7.5 of agreement with FP (measured). At W4A4
+    RTN loses only 3 points and 20 steps do not move it: that run is no test of reconstruction."""
+    res = pipeline.run(tiny_cfg(tmp_path, "packing=block", "quant=w3a3", "recon.iters=50"))
+    assert res["fp_top1"] - res["rtn_top1"] > 10
+    assert res["quant_top1"] >= res["rtn_top1"] + 4
+    assert res["agreement"] >= res["rtn_agreement"] + 4
+    assert len(res["recon_loss"]) == len(res["units"])  # first and last step's loss of every unit
 
 
 # ---------------------------------------------------------------------------------------------
