@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -414,18 +414,21 @@ def _reconstruct(units, qmodel, fp_ref, qsplit, fsplit, x, rcfg, rd, seed, devic
         nonlocal step_offset
         name = f"unit_{i:02d}.pt"
         bar.set_postfix_str(u.key)
+        ucfg = rcfg
+        if rcfg.iters_per == "block" and u.layer is None and len(u.blocks) > 1:
+            ucfg = replace(rcfg, iters=rcfg.iters * len(u.blocks))
         if rd.has(name):
             load_unit_state(module, rd.load_pt(name))
         else:
             cache = cache_fn()
-            ls = reconstruct_unit(module, cache, rcfg, u.key, seed * 1000 + i, _channel_dim(module),
+            ls = reconstruct_unit(module, cache, ucfg, u.key, seed * 1000 + i, _channel_dim(module),
                                   trainer_kwargs, logger, step_offset)
             losses[u.key] = ls
             del cache
             module.to(device)
             rd.save_pt(name, unit_state(module))
             rd.write_json(f"unit_{i:02d}.json", {"key": u.key, "names": u.names, "loss": ls[:: max(1, len(ls) // 50)]})
-        step_offset += rcfg.iters
+        step_offset += ucfg.iters
         bar.update(1)
 
     qmodel.to(device)

@@ -23,7 +23,10 @@ from packptq.quant.quantizer import ActQuantizer, WeightQuantizer
 
 @dataclass
 class ReconConfig:
-    iters: int = 500  # optimisation steps per unit
+    iters: int = 500  # optimisation steps per unit (per block of a pack with iters_per=block)
+    # unit: every unit gets `iters` steps (the paper: 20,000 per pack). block: a pack of k blocks
+    # gets k * iters, the total of block-wise reconstruction (equal-compute comparisons)
+    iters_per: str = "unit"
     batch_size: int = 32
     w_lr: float = 3e-3  # AdaRound rounding variables (Adam)
     a_lr: float = 4e-5  # activation step sizes (Adam, cosine to 0)
@@ -41,6 +44,8 @@ class ReconConfig:
     def __post_init__(self) -> None:
         if self.iters < 0:
             raise ConfigError(f"recon.iters={self.iters} must be >= 0")
+        if self.iters_per not in ("unit", "block"):
+            raise ConfigError(f"recon.iters_per={self.iters_per}; use unit|block")
         if self.batch_size < 1:
             raise ConfigError(f"recon.batch_size={self.batch_size} must be >= 1")
         if not 0.0 <= self.drop_prob <= 1.0:

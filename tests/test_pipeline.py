@@ -380,3 +380,20 @@ def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, m
     loss_keys = {k for r in rows for k, v in r.items() if k.startswith("recon/") and k.endswith("/loss") and v}
     assert len(loss_keys) == len(res["units"]), sorted(loss_keys)
     assert any(r.get("eval/quant_top1") for r in rows)
+
+
+def test_iters_per_block_gives_a_pack_the_steps_of_its_blocks(trained_tiny, tmp_path):
+    """recon.iters_per=block: a pack of k blocks is fitted for k * iters steps (the total of
+    block-wise reconstruction); layer units outside the blocks keep iters."""
+    res = pipeline.run(tiny_cfg(tmp_path, "packing=fixed", "packing.size=3", "recon.iters=4",
+                                "recon.iters_per=block"))
+    steps = {}
+    for p in sorted(tmp_path.glob("unit_*.json")):
+        u = json.loads(p.read_text())
+        steps[u["key"]] = (len(u["loss"]), u["names"])
+    packs = {k: v for k, v in steps.items() if k.startswith("pack_")}
+    assert [n for n, _ in packs.values()] == [12, 12, 8]  # 8 blocks in packs of 3, 3, 2
+    assert all(n == 4 for k, (n, _) in steps.items() if not k.startswith("pack_"))
+    assert len(res["units"]) == len(steps)
+    with pytest.raises(ConfigError, match="recon.iters_per=pack"):
+        pipeline.run(tiny_cfg(tmp_path / "bad", "recon.iters_per=pack"))
