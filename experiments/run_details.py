@@ -3,11 +3,13 @@ top-1 per run with the mean ± std, the block importance scores S_b, and each un
 reconstruction loss at its first and last step.
 
     python experiments/run_details.py RUN_DIR [RUN_DIR ...] > details.md
+    python experiments/run_details.py --group "block-wise=DIR,DIR,DIR" --group "hessian=DIR,DIR,DIR"
 
 The grouped mean ± std over many runs is ``packptq-report``'s job; this prints what a results
 file like experiments/results/pointnet.md shows run by run."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -59,8 +61,43 @@ def loss_table(runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def compare_table(groups: list[tuple[str, list[dict]]]) -> str:
+    """One row per group of runs (the same setting over seeds): mean ± std and each run's top-1."""
+    out = ["| setting | overrides | seeds | RTN top-1 | top-1 | RTN agreement with FP | agreement with FP | top-1 per seed "
+           "| packs per seed | steps per seed | recon time (s, mean) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, runs in groups:
+        per = lambda k, f="{:.1f}": " / ".join(f.format(r[k]) for r in runs)
+        steps = " / ".join(str(total_steps(r)) for r in runs)
+        over = " ".join(o for o in runs[0]["overrides"] if not o.startswith(("seed=", "hydra.", "logger=", "threads=", "progress=")))
+        out.append(f"| {label} | `{over}` | {per('seed', '{}')} | {_mean_std([r['rtn_top1'] for r in runs])} | "
+                   f"{_mean_std([r['quant_top1'] for r in runs])} | {_mean_std([r['rtn_agreement'] for r in runs])} | "
+                   f"{_mean_std([r['agreement'] for r in runs])} | "
+                   f"{per('quant_top1')} | {' / '.join(str(len(r.get('packs') or [])) for r in runs)} | {steps} | "
+                   f"{statistics.mean(r['time_s'].get('recon', 0.0) for r in runs):.0f} |")
+    return "\n".join(out)
+
+
+def total_steps(r: dict) -> int:
+    """Reconstruction steps of a run over all its units (``recon.iters`` per unit, or per block
+    of a pack with ``recon.iters_per=block``)."""
+    rc, units = r["config"]["recon"], r["units"]
+    packs = r.get("packs") or [] if r["packing"]["policy"] != "layer" else []
+    per_block = rc.get("iters_per", "unit") == "block"
+    return rc["iters"] * (len(units) - len(packs) + sum(len(p) if per_block else 1 for p in packs))
+
+
 def main(argv=None) -> None:
-    runs = [_load(Path(a)) for a in (argv if argv is not None else sys.argv[1:])]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="*", help="run directories: per-run tables")
+    ap.add_argument("--group", action="append", default=[], metavar="LABEL=DIR,DIR,...",
+                    help="a setting over seeds: one row of the comparison table")
+    args = ap.parse_args(argv)
+    if args.group:
+        groups = [(g.split("=", 1)[0], [_load(Path(d)) for d in g.split("=", 1)[1].split(",")]) for g in args.group]
+        print(compare_table(groups))
+    if not args.runs:
+        return
+    runs = [_load(Path(a)) for a in args.runs]
     blocks = [b for pack in runs[0].get("packs") or [] for b in pack]
     print("## Top-1 (%)\n")
     print(top1_table(runs))
