@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -81,7 +80,7 @@ def total_steps(r: dict) -> int:
     """Reconstruction steps of a run over all its units (``recon.iters`` per unit, or per block
     of a pack with ``recon.iters_per=block``)."""
     rc, units = r["config"]["recon"], r["units"]
-    packs = r.get("packs") or [] if r["packing"]["policy"] != "layer" else []
+    packs = (r.get("packs") or []) if r["packing"]["policy"] != "layer" else []
     per_block = rc.get("iters_per", "unit") == "block"
     return rc["iters"] * (len(units) - len(packs) + sum(len(p) if per_block else 1 for p in packs))
 

@@ -2,9 +2,9 @@
 and checkpoint loading."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -78,11 +78,11 @@ def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
     sd = read_state_dict(cfg.checkpoint)
     model = builder(cfg, meta)
     if shape_mismatches(model, sd):
-        cfg, meta_ck = _shapes_from_checkpoint(cfg, meta, model, sd)
-        if meta_ck["num_classes"] != meta["num_classes"]:
-            print(f"[packptq] checkpoint head has {meta_ck['num_classes']} classes (data labels: "
-                  f"{meta['num_classes']}); using {meta_ck['num_classes']}")
-            meta["num_classes"] = meta_ck["num_classes"]
+        cfg, n_classes = _shapes_from_checkpoint(cfg, meta, model, sd)
+        if n_classes != meta["num_classes"]:
+            print(f"[packptq] checkpoint head has {n_classes} classes (data labels: {meta['num_classes']}); "
+                  f"using {n_classes}")
+            meta["num_classes"] = n_classes
         model = builder(cfg, meta)
     load_checkpoint(model, cfg.checkpoint, sd)
     return model.eval()
@@ -124,19 +124,17 @@ def _classifier_key(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _shapes_from_checkpoint(cfg: ModelConfig, meta: dict, model: nn.Module, sd: Dict[str, torch.Tensor]):
-    """Config and meta with the class count, patch size and image size the checkpoint was built
-    with (read from the classifier, ``patch_embed.proj`` and ``pos_embed`` tensors)."""
-    from dataclasses import replace
-
-    meta = dict(meta)
+def _shapes_from_checkpoint(cfg: ModelConfig, meta: dict, model: nn.Module,
+                            sd: Dict[str, torch.Tensor]) -> Tuple[ModelConfig, int]:
+    """(config with the patch and image size the checkpoint was built with, its class count),
+    read from the ``patch_embed.proj``, ``pos_embed`` and classifier tensors."""
+    n_classes = meta["num_classes"]
     head = _classifier_key(model)
     if head and head in sd:
-        n = int(sd[head].shape[0])
-        if n < meta["num_classes"]:
-            raise ConfigError(f"checkpoint {cfg.checkpoint} has a {n}-class head but the data has labels "
-                              f"up to {meta['num_classes'] - 1}; wrong checkpoint or data?")
-        meta["num_classes"] = n
+        n_classes = int(sd[head].shape[0])
+        if n_classes < meta["num_classes"]:
+            raise ConfigError(f"checkpoint {cfg.checkpoint} has a {n_classes}-class head but the data has "
+                              f"labels up to {meta['num_classes'] - 1}; wrong checkpoint or data?")
     proj = sd.get("patch_embed.proj.weight")
     if proj is not None and proj.dim() == 4 and proj.shape[-1] == proj.shape[-2]:
         patch = int(proj.shape[-1])
@@ -153,13 +151,12 @@ def _shapes_from_checkpoint(cfg: ModelConfig, meta: dict, model: nn.Module, sd: 
                                       f"{data_img}: resize the data or use a matching checkpoint")
                 over["img_size"] = img
         cfg = replace(cfg, **over)
-    return cfg, meta
+    return cfg, n_classes
 
 
-def load_checkpoint(model: nn.Module, path: str, sd: Optional[Dict[str, torch.Tensor]] = None) -> dict:
-    """Load a checkpoint (see ``read_state_dict``) into ``model``; shapes must match. Returns the
-    missing and unexpected keys, which are also printed."""
-    sd = read_state_dict(path) if sd is None else sd
+def load_checkpoint(model: nn.Module, path: str, sd: Dict[str, torch.Tensor]) -> dict:
+    """Load the tensors ``sd`` read from ``path`` (``read_state_dict``) into ``model``; shapes must
+    match. Returns the missing and unexpected keys, which are also printed."""
     bad = shape_mismatches(model, sd)
     if bad:
         lines = ", ".join(f"{k} model {a} vs checkpoint {b}" for k, (a, b) in list(bad.items())[:4])
