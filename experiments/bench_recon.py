@@ -46,8 +46,9 @@ from omegaconf import OmegaConf
 
 from packptq.config import typed
 from packptq.data import build_datamodule
+from packptq.evaluate import forward_all
 from packptq.packing import PackingConfig, hessian_scores, make_packs
-from packptq.pipeline import _Chain, _channel_dim, forward_all
+from packptq.pipeline import _Chain, _channel_dim
 from packptq.quant import QuantConfig, calibrate, quantize_model
 from packptq.quant.convert import fold_bn, freeze
 from packptq.reconstruct import ActivationCache, ReconConfig, UnitReconstruction, rec_loss, reconstruct_unit

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from packptq.config import ConfigError
+from packptq.evaluate import kl_per_sample
 from packptq.registry import Registry
 
 #: policy name -> fn(block_names, scores, cfg, seed) -> list of packs (lists of block indices)
@@ -137,12 +138,6 @@ def _rest(blocks: Sequence[nn.Module], suffix: nn.Module, z: torch.Tensor) -> to
     return suffix(z)
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL(softmax(p) || softmax(q))."""
-    lp = F.log_softmax(p_logits, -1)
-    return (lp.exp() * (lp - F.log_softmax(q_logits, -1))).sum(-1)
-
-
 def block_score(z_fp: torch.Tensor, z_q: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                 loss: str = "kl", fp_loss_zero: bool = False) -> tuple[float, float, float, float]:
     """Sums over one batch for the score of one block.
@@ -201,13 +196,13 @@ def hessian_scores(fp_split, q_split, x: torch.Tensor, y: torch.Tensor, loss: st
             rest = lambda z: _rest(fp_blocks[b + 1:], fp_split.suffix, z)  # noqa: E731
             yb, pb = y[i:i + len(hb)], fp_logits[i:i + len(hb)]
             if loss == "kl":
-                fn = lambda z: _kl(pb, rest(z))  # noqa: E731
+                fn = lambda z: kl_per_sample(pb, rest(z))  # noqa: E731
             elif loss == "ce":
                 fn = lambda z: F.cross_entropy(rest(z), yb, reduction="none")  # noqa: E731
             else:
                 with torch.no_grad():
                     pq = rest(z_q)
-                fn = lambda z: _kl(pq, rest(z))  # noqa: E731
+                fn = lambda z: kl_per_sample(pq, rest(z))  # noqa: E731
             with torch.enable_grad():
                 n_, d_, a_, _ = block_score(z_fp, z_q, fn, loss, fp_loss_zero=(loss == "kl"))
             num, den, absdz = num + n_, den + d_, absdz + a_
