@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,13 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from packptq import precision
 from packptq.artifacts import RunDir, file_digest, hash_obj
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
+from packptq.evaluate import forward_all
+from packptq.mp import bit_accounting
+from packptq.mp import plan as mp_plan_for
 from packptq.packing import PackingConfig, hessian_scores, make_packs
-from packptq.quant import (QuantConfig, QuantLayer, act_quantizers, calibrate, freeze, quant_layers,
-                           quantize_model, set_quant_state)
+from packptq.quant import QuantConfig, QuantLayer, calibrate, freeze, quantize_model, set_quant_state
 from packptq.quant.convert import execution_order, fold_bn
 from packptq.reconstruct import ActivationCache, ReconConfig, reconstruct_unit
 from packptq.train_fp import fp_cache_key, predict, top1, train_or_load
@@ -60,12 +62,6 @@ class Timer:
 def _device(trainer_cfg) -> torch.device:
     acc = str((trainer_cfg or {}).get("accelerator", "auto"))
     return torch.device("cuda") if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available() else torch.device("cpu")
-
-
-@torch.no_grad()
-def forward_all(fn: Callable, x: torch.Tensor, bs: int, device: torch.device) -> torch.Tensor:
-    """fn over x [n, ...] in batches on ``device``; the result [n, ...] on the CPU."""
-    return torch.cat([fn(x[i:i + bs].to(device)).cpu() for i in range(0, len(x), bs)])
 
 
 @torch.no_grad()
@@ -125,24 +121,6 @@ def load_unit_state(module: nn.Module, sd: dict) -> None:
         raise ValueError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
                          f"unexpected {res.unexpected_keys[:5]}")
     freeze(module)
-
-
-def bit_accounting(qmodel: nn.Module) -> dict:
-    """Accounting over every QuantLayer of ``qmodel`` at its current bits (precision.py's
-    helpers): ``w_bits_avg`` bits per weight, weighted by weight count; ``a_bits_avg`` bits per
-    activation element, weighted by each enabled activation quantizer's elements per sample
-    (None before calibration); ``size_bytes`` (``model_size_bytes``: packed weights, an fp32
-    scale and an 8-bit zero point per output channel, fp32 bias); ``n_weights``."""
-    layers = [m for _, m in quant_layers(qmodel)]
-    counts = [int(m.layer.weight.numel()) for m in layers]
-    acts = [(int(a.elems_per_sample), a.bits) for _, a in act_quantizers(qmodel) if int(a.elems_per_sample) > 0]
-    return {
-        "w_bits_avg": precision.avg_weight_bits(counts, [m.wq.bits for m in layers]),
-        "a_bits_avg": precision.avg_act_bits([e for e, _ in acts], [b for _, b in acts]) if acts else None,
-        "size_bytes": precision.model_size_bytes([(n, m.wq.bits, m.layer.weight.shape[0], m.layer.bias is not None)
-                                                  for n, m in zip(counts, layers)]),
-        "n_weights": sum(counts),
-    }
 
 
 def plan_units(policy: str, packs: List[List[int]], prefix_layers: List[str], block_layers: List[List[str]],
@@ -210,7 +188,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     rcfg = typed(ReconConfig, cfg.recon, "recon")
     pcfg = typed(PackingConfig, cfg.packing, "packing")
     mcfg = typed(ModelConfig, cfg.model, "model")
-    mp_plan = _mp_setup(cfg, qcfg)
+    mp_plan = mp_plan_for(cfg.get("mp"), qcfg)
     dm = build_datamodule(cfg.data)
     meta = dm.meta()
     rd = RunDir(cfg.run_dir)
@@ -290,8 +268,10 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     with timer.phase("bits"):
         pack_bits = None
         if mp_plan is not None:
-            pack_bits = mp_plan.allocate(rd, qmodel, qsplit, fsplit, packs, scores, x_cal, device, block_layers,
-                                         prefix_layers, suffix_layers, progress=progress)
+            twins = SimpleNamespace(qmodel=qmodel, qsplit=qsplit, fsplit=fsplit, device=device,
+                                    prefix_layers=prefix_layers, block_layers=block_layers,
+                                    suffix_layers=suffix_layers)
+            pack_bits = mp_plan.allocate(rd, twins, packs, scores, x_cal, progress=progress)
             mp = mp_plan.describe()
             _log(logger, {"mp/achieved_w_bits": mp["achieved_w_bits"], "mp/budget_avg_bits": mp["avg_bits"]})
             _log_table(logger, "mp/bits", ["pack", "blocks", "w_bits", "a_bits"],
@@ -371,22 +351,6 @@ def _set_threads(threads) -> None:
             threads = os.environ.get("SLURM_CPUS_PER_TASK")
     if threads:
         torch.set_num_threads(int(threads))
-
-
-def _mp_setup(cfg, qcfg):
-    """The mixed-precision plan (``packptq.mixed``), or None for ``mp.policy=none``; the ``mp``
-    section is validated either way, before any compute."""
-    if cfg.get("mp") is None:
-        return None
-    if cfg.mp.get("policy", "none") == "none":
-        mcfg = typed(precision.MPConfig, cfg.mp, "mp")
-        if mcfg.prefix_bits is not None or mcfg.suffix_bits is not None:
-            raise ConfigError("mp.prefix_bits/suffix_bits do nothing with mp.policy=none (the quant config "
-                              "sets every layer's bits); set them to null or choose mp=budget|official")
-        return None
-    from packptq import mixed  # the pipeline side of mixed precision
-
-    return mixed.plan(cfg.mp, qcfg)
 
 
 def _cached_eval(rd: RunDir, name: str, qmodel, dm, device, fp_preds, meta) -> dict:

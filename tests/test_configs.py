@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from packptq.config import ConfigError, typed
 from packptq.data import DATASETS
 from packptq.packing import PackingConfig
-from packptq.precision import MPConfig
+from packptq.mp import MPConfig
 from packptq.quant import QuantConfig
 from packptq.reconstruct import ReconConfig
 from packptq.zoo.build import ModelConfig
