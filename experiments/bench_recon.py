@@ -46,13 +46,14 @@ from omegaconf import OmegaConf
 
 from packptq.config import typed
 from packptq.data import build_datamodule
+from packptq.packing import PackingConfig, make_packs
+from packptq.scores import hessian_scores
 from packptq.evaluate import forward_all
-from packptq.packing import PackingConfig, hessian_scores, make_packs
-from packptq.pipeline import _Chain, _channel_dim
+from packptq.recon.sequence import _Chain, channel_dim as _channel_dim
 from packptq.quant import QuantConfig, calibrate, quantize_model
 from packptq.quant.convert import fold_bn, freeze
-from packptq.reconstruct import ActivationCache, ReconConfig, UnitReconstruction, rec_loss, reconstruct_unit
-from packptq.train_fp import train_or_load
+from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, rec_loss, reconstruct_unit
+from packptq.fp import train_or_load
 from packptq.zoo import split_model
 from packptq.zoo.build import ModelConfig, build_model
 
@@ -230,7 +231,7 @@ class PeakRSS:
 
 
 def child_cache(dtype: str) -> dict:
-    """RSS growth while the largest pack's cache is built as ``pipeline._reconstruct`` builds
+    """RSS growth while the largest pack's cache is built as ``recon.sequence`` builds
     it (the pack's input in both models, then the FP output, then ``ActivationCache``) and
     batches are drawn from it; ``base`` is taken with only the models and images in memory.
     The peak includes the batch-256 activations of the forward passes that produce it."""

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,6 +32,15 @@ class RunDir:
             return json.loads((self.path / name).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"artifact {self.path / name} is unreadable ({exc}); delete it to recompute") from None
+
+    def cached_json(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The artifact ``name`` if the run directory has it (resume), else ``compute()``,
+        written there first."""
+        if self.has(name):
+            return self.read_json(name)
+        obj = compute()
+        self.write_json(name, obj)
+        return obj
 
     def save_pt(self, name: str, obj: Any) -> Path:
         return _atomic(self.path / name, lambda p: torch.save(obj, p))

@@ -10,6 +10,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import packptq.schemas  # noqa: F401  (the typed bases of conf/<group>/ choice files)
 from packptq.config import ConfigError
 
 #: the repository's config tree (packptq is installed editable: `pip install -e .`)

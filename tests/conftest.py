@@ -58,6 +58,7 @@ def compose_cfg(overrides: Sequence[str] = (), return_hydra_config: bool = False
     """Compose conf/config.yaml with ``overrides`` (no tiny settings added)."""
     from hydra import compose, initialize_config_dir
 
+    import packptq.schemas  # noqa: F401  (registers conf/<group>/base)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
@@ -77,7 +78,7 @@ def trained_tiny(tmp_path_factory):
     session cache, under the same key the pipeline uses, so pipeline runs reuse it."""
     from packptq.config import typed
     from packptq.data import build_datamodule
-    from packptq.train_fp import train_or_load
+    from packptq.fp import train_or_load
     from packptq.zoo.build import ModelConfig, build_model
 
     cfg = tiny_cfg(tmp_path_factory.mktemp("trained_tiny"))

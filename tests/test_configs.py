@@ -18,7 +18,7 @@ from packptq.data import DATASETS
 from packptq.packing import PackingConfig
 from packptq.mp import MPConfig
 from packptq.quant import QuantConfig
-from packptq.reconstruct import ReconConfig
+from packptq.recon import ReconConfig
 from packptq.zoo.build import ModelConfig
 
 from conftest import CONF, compose_cfg
@@ -90,11 +90,12 @@ def test_owned_group_option_composes_and_types(group, option, tmp_path, monkeypa
     assert keys <= set(type(section).__dataclass_fields__), keys - set(type(section).__dataclass_fields__)
 
 
-@pytest.mark.parametrize("group,option", [("model", "timm"), ("packing", "manual")])
-def test_mandatory_values_are_asked_for(group, option, tmp_path):
+@pytest.mark.parametrize("group,option,match", [("model", "timm", "needs a value for .*model\\.name"),
+                                                ("packing", "manual", "packing=manual needs packing.packs")])
+def test_mandatory_values_are_asked_for(group, option, match, tmp_path):
     cfg = compose_cfg(base(tmp_path) + [f"{group}={option}"])
     schema = {"model": ModelConfig, "packing": PackingConfig}[group]
-    with pytest.raises(ConfigError, match=f"needs a value for .*{group}\\."):
+    with pytest.raises(ConfigError, match=match):
         typed(schema, cfg[group], group)
 
 
@@ -156,3 +157,19 @@ def test_experiment_composes_and_every_sweep_value_types(name, tmp_path, monkeyp
     params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
     for value in sweep_values(params):
         check_owned(compose_cfg(over + [value], return_hydra_config=True))
+
+
+@pytest.mark.parametrize("group", ["quant", "packing", "mp", "recon"])
+def test_choice_files_hold_only_what_differs_from_the_schema(group):
+    """Each default is written once, in the schema registered as <group>/base: a choice file
+    names that base and sets no key to the value the schema already has, the keys that name the
+    choice itself (a packing/mp policy, a quant file's bit-widths) aside."""
+    from packptq.schemas import SCHEMAS
+
+    defaults = {f: getattr(SCHEMAS[group](), f) for f in SCHEMAS[group].__dataclass_fields__}
+    for path in sorted((CONF / group).glob("*.yaml")):
+        section = OmegaConf.to_container(OmegaConf.load(path))
+        assert section.pop("defaults", None) == ["base", "_self_"], path
+        assert set(section) <= set(defaults), (path, set(section) - set(defaults))
+        repeated = {k: v for k, v in section.items() if v == defaults[k] and k not in ("policy", "w_bits", "a_bits")}
+        assert not repeated, (path, repeated)

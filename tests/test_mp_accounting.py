@@ -7,10 +7,10 @@ import json
 import pytest
 
 from mp_models import tiny_quantized
-from packptq import pipeline
 from packptq.mp import (MPConfig, act_bits, allocate, avg_act_bits, avg_weight_bits, bit_accounting, bits_json,
                         load_bits_json, model_size_bytes, weight_count, weight_counts)
 from packptq.quant import act_quantizers, quant_layers
+from packptq.twins import layer_groups
 from packptq.zoo import split_model
 
 
@@ -57,7 +57,7 @@ def test_bits_json_roundtrip():
 def test_weight_counts_before_quantization_match_the_quantized_layers(name, family, patch):
     model, _, q, _, qsplit, x = tiny_quantized(name, family, patch, n=4)
     blocks, pre, suf = weight_counts(split_model(model, family))
-    prefix_layers, block_layers, suffix_layers = pipeline.layer_groups(q, qsplit, x[:2])
+    prefix_layers, block_layers, suffix_layers = layer_groups(q, qsplit, x[:2])
     numel = {n: m.layer.weight.numel() for n, m in quant_layers(q)}
     assert blocks == [sum(numel[n] for n in bl) for bl in block_layers]
     assert pre == sum(numel[n] for n in prefix_layers) and suf == sum(numel[n] for n in suffix_layers)

@@ -18,6 +18,7 @@ CONF_MP = Path(__file__).resolve().parents[1] / "conf" / "mp"
 @pytest.mark.parametrize("path", sorted(CONF_MP.glob("*.yaml")), ids=lambda p: p.stem)
 def test_mp_yaml_composes(path):
     section = OmegaConf.load(path)
+    assert list(section.pop("defaults")) == ["base", "_self_"]  # the typed schema MPConfig is the base
     fields = {f.name: f.default for f in dataclasses.fields(MPConfig)}
     assert set(section.keys()) <= set(fields)
     # a choice file sets only what differs from the defaults (its policy aside)
@@ -30,9 +31,9 @@ def test_mp_yaml_composes(path):
     assert typed(MPConfig, composed, "mp") == cfg
 
 
-def test_primary_config_holds_the_mp_defaults():
-    primary = OmegaConf.load(CONF_MP.parent / "config.yaml").mp
-    assert OmegaConf.to_container(primary) == dataclasses.asdict(MPConfig())
+def test_the_default_mp_section_is_the_schema_defaults():
+    composed = compose_cfg(["run_dir=/tmp/x"]).mp
+    assert OmegaConf.to_container(composed) == dataclasses.asdict(MPConfig())
 
 
 def test_every_policy_has_a_yaml():

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, compose_cfg, tiny_cfg
 from mp_models import acts_under
 from packptq import pipeline
+from packptq.artifacts import RunDir
 from packptq.config import ConfigError, typed
 from packptq.mp import MixedPrecision, load_bits_json, plan, sensitivity
 from packptq.quant import QuantConfig, quant_layers
@@ -30,13 +31,15 @@ def mp_cfg(run_dir: Path, *overrides: str):
 def spy(monkeypatch):
     """Captures the quantized model the pipeline accounts bits for (right after allocation)."""
     seen = {}
-    original = pipeline.bit_accounting
+    import packptq.mp as mp_pkg
+
+    original = mp_pkg.bit_accounting
 
     def wrapped(qmodel):
         seen["qmodel"] = qmodel
         return original(qmodel)
 
-    monkeypatch.setattr(pipeline, "bit_accounting", wrapped)
+    monkeypatch.setattr(mp_pkg, "bit_accounting", wrapped)  # the pipeline calls mp.bit_accounting
     return seen
 
 
@@ -56,7 +59,7 @@ def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, t
     assert r["mp"]["avg_bits"] == 3.0 and r["mp"]["policy"] == "budget"
     assert r["n_weights"] == sum(m.layer.weight.numel() for _, m in quant_layers(qmodel))
 
-    packs, alloc, acts = load_bits_json(pipeline.RunDir(run_dir).read_json("bits.json"))
+    packs, alloc, acts = load_bits_json(RunDir(run_dir).read_json("bits.json"))
     assert packs == r["packs"] and list(alloc.bits) == r["bits"]
     assert alloc.avg_bits == pytest.approx(r["w_bits_avg"], abs=1e-12)
     assert alloc.prefix_bits == alloc.suffix_bits == 8  # quant.first_last_bits
@@ -72,7 +75,7 @@ def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, t
     boundary = [m for n, m in quant_layers(qmodel) if not any(n.startswith(b + ".") for p in packs for b in p)]
     assert boundary and all(m.wq.bits == 8 for m in boundary)
 
-    sens = pipeline.RunDir(run_dir).read_json("sensitivity.json")
+    sens = RunDir(run_dir).read_json("sensitivity.json")
     table = np.asarray(sens["table"])
     assert sens["kind"] == "kl" and sens["candidates"] == [2, 3, 4] and sens["packs"] == packs
     assert table.shape == (len(packs), 3)

@@ -308,7 +308,7 @@ def test_fp_training_trains_batchnorm(trained_tiny):
 
 
 def test_fp_training_decays_weights_but_not_norms_or_biases():
-    from packptq.train_fp import Classifier
+    from packptq.fp import Classifier
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     opt = Classifier(model, lr=1e-3, wd=0.05, epochs=1, steps_per_epoch=1).configure_optimizers()["optimizer"]
@@ -321,7 +321,7 @@ def test_fp_training_decays_weights_but_not_norms_or_biases():
 def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
     """The FP cache key carries the training-code version: rerunning a finished run directory
     under a retrained FP model (same config) is refused instead of mixing their artifacts."""
-    from packptq import train_fp
+    from packptq import fp as train_fp
 
     _, run_dir, cfg = policy_run("none")
     key = train_fp.fp_cache_key
@@ -343,7 +343,7 @@ def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, m
     from hydra.core.global_hydra import GlobalHydra
 
     from packptq import cli as cli_mod
-    from packptq.train_fp import predict, top1
+    from packptq.evaluate import predict, top1
 
     model, dm, _ = trained_tiny
     xs, ys = zip(*(dm.train_set[i] for i in range(len(dm.train_set))))

@@ -17,10 +17,10 @@ from torch import nn
 
 from conftest import CONF
 from packptq.config import typed
-from packptq.pipeline import _channel_dim
+from packptq.recon.sequence import channel_dim as _channel_dim
 from packptq.quant import (QAttention, QuantConfig, QuantLayer, QWindowAttention, WeightQuantizer, calibrate,
                            fold_bn, quantize_model)
-from packptq.reconstruct import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.recon import ActivationCache, ReconConfig, reconstruct_unit
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 

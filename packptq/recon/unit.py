@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from packptq.config import ConfigError
+from packptq.runtime import TRAINER_DEFAULTS
 from packptq.quant.convert import freeze
-from packptq.quant.quantizer import ActQuantizer, WeightQuantizer
+from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
 
 
 @dataclass
@@ -108,66 +109,6 @@ def _owner_weight(unit: nn.Module, wq: WeightQuantizer) -> torch.Tensor:
     raise RuntimeError("weight quantizer without its layer")
 
 
-class _SoftRound(torch.autograd.Function):
-    """AdaRound's soft-rounded weight and, when ``beta`` is given, its rounding regulariser, as
-    one autograd node over a whole weight tensor (what ``WeightQuantizer.forward`` in soft mode
-    and ``WeightQuantizer.round_reg`` compute, minus their repeated work).
-
-    floor(w / s) is constant over a fit and comes in precomputed (``base``); h(V) serves both the
-    weight and the regulariser; |2h - 1|^beta is computed once and its derivative factor kept for
-    the backward, which recomputes the sigmoid and the two clamp masks instead of holding them
-    (memory over time: three weight-sized tensors fewer per step). The weight and its gradient
-    are bit-identical to autograd's without the regulariser; with it, equal to float rounding.
-    ``s`` and ``z`` are the per-channel scale and zero point viewed to broadcast."""
-
-    @staticmethod
-    def _h(sig, inplace: bool = False):
-        """(u, h): sigmoid(V) stretched to (gamma, zeta) and its clamp to [0, 1]; with
-        ``inplace`` both overwrite ``sig`` (u is then h), else each is a fresh tensor."""
-        u = (sig.mul_ if inplace else sig.mul)(WeightQuantizer.zeta - WeightQuantizer.gamma).add_(WeightQuantizer.gamma)
-        return u, (u.clamp_(0, 1) if inplace else u.clamp(0, 1))
-
-    @staticmethod
-    def forward(ctx, alpha, base, s, z, qmax: int, beta: Optional[float]):
-        h = _SoftRound._h(torch.sigmoid(alpha), inplace=True)[1]
-        w = (base + h).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
-        ctx.beta, ctx.qmax = beta, qmax
-        # saved: the inputs (alive anyway) and, with the regulariser, its gradient factor; the
-        # sigmoid and the two clamp masks are recomputed in backward, and the forward works in
-        # place: on the 11M-weight pack of resnet18 the step's peak memory fell by ~0.2 GB
-        if beta is None:
-            ctx.save_for_backward(alpha, base, s, z)
-            return w, w.new_zeros(())
-        d = h.mul_(2).sub_(1)
-        # |d|^beta as exp(beta log|d|): half the time of pow with a float exponent on CPU,
-        # equal to float rounding (|d| = 0 gives exp(-inf) = 0 as it should for beta > 0)
-        p = d.abs().log_().mul_(beta).exp_() if beta > 0 else d.abs().pow_(beta)
-        reg = (1 - p).sum()
-        # d/dh (1 - |d|^beta) = -2 beta |d|^(beta - 1) sgn(d) = -2 beta p / d, 0 where d = 0
-        # (p / d is 0 / 0 there); kept instead of d and p: one tensor less held for backward
-        r = p.div_(d).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-        ctx.save_for_backward(alpha, base, s, z, r)
-        return w, reg
-
-    @staticmethod
-    def backward(ctx, g_w, g_reg):
-        # autograd's operations in autograd's order (bit-identical without the regulariser)
-        alpha, base, s, z = ctx.saved_tensors[:4]
-        sig = torch.sigmoid(alpha)
-        u, h = _SoftRound._h(sig)
-        out_u = h != u  # where the clamp to [0, 1] passes no gradient
-        del u
-        t = (base + h).add_(z)
-        del h
-        out_t = (t < 0).logical_or_(t > ctx.qmax)  # where the clamp to the grid passes none
-        del t
-        g = (g_w * s).masked_fill_(out_t, 0.0)
-        if ctx.beta is not None:
-            g.addcmul_(ctx.saved_tensors[4], g_reg * (-2.0 * ctx.beta))
-        g.masked_fill_(out_u, 0.0).mul_(WeightQuantizer.zeta - WeightQuantizer.gamma)
-        return torch.ops.aten.sigmoid_backward(g, sig), None, None, None, None, None
-
-
 @contextmanager
 def _weights_passthrough(wqs: List[WeightQuantizer]):
     """Inside the ``with`` body the weight quantizers return their input unchanged (the
@@ -242,7 +183,7 @@ class UnitReconstruction(L.LightningModule):
         reg = 0
         for key, wq, buf in self._soft:
             base = getattr(self, buf)
-            w, r = _SoftRound.apply(wq.alpha, base, _per_channel(wq.scale, base), _per_channel(wq.zero_point, base),
+            w, r = SoftRound.apply(wq.alpha, base, _per_channel(wq.scale, base), _per_channel(wq.zero_point, base),
                                     wq.qmax, beta)
             weights[key] = w
             if beta is not None:
@@ -323,8 +264,7 @@ def _fused_ok(params: List[torch.Tensor]) -> bool:
 
 
 def make_trainer(trainer_kwargs: dict, iters: int, logger=None) -> L.Trainer:
-    kw = dict(accelerator="auto", devices=1, enable_checkpointing=False, enable_model_summary=False,
-              enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, max_epochs=-1)
+    kw = dict(TRAINER_DEFAULTS, enable_progress_bar=False, max_epochs=-1)
     kw.update(trainer_kwargs)
     kw.update(max_steps=iters, logger=logger if logger is not None else False)
     return L.Trainer(**kw)

@@ -1,5 +1,6 @@
-"""FP pre-training (Lightning) for models without a checkpoint on embedded data, cached under a
-key made from the model and data config, and top-1 evaluation with torchmetrics."""
+"""The FP model phase: build the network (zoo builder, checkpoint or timm weights), split it into
+prefix / blocks / suffix, and train it with Lightning when it comes without weights (cached
+under a key made from the model and data config, so every PTQ seed starts from one network)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+
+from packptq.artifacts import file_digest
+from packptq.runtime import TRAINER_DEFAULTS
+from packptq.zoo import check_split, split_model
+from packptq.zoo.build import ModelConfig, build_model
+from packptq.zoo.split import Split
 
 
 class Classifier(L.LightningModule):
@@ -69,8 +75,7 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     loader = torch.utils.data.DataLoader(dm.train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
                                          generator=g, num_workers=dm.cfg.num_workers, drop_last=True)
     module = Classifier(model, model_cfg.train_lr, model_cfg.train_wd, model_cfg.train_epochs, len(loader))
-    kw = dict(accelerator="auto", devices=1, enable_checkpointing=False, enable_model_summary=False,
-              logger=logger if logger is not None else False, num_sanity_val_steps=0, limit_val_batches=0)
+    kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False)
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
@@ -83,19 +88,40 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     return model, str(path)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader, device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(predicted classes [n], labels [n]) over a loader."""
-    model.eval()
-    device = device or next(model.parameters()).device
-    preds, labels = [], []
-    for x, y in loader:
-        preds.append(model(x.to(device)).argmax(-1).cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(preds), torch.cat(labels)
+def trains(model_cfg: ModelConfig) -> bool:
+    """Whether the FP weights come from training here (no checkpoint, no pretrained weights)."""
+    return not (model_cfg.checkpoint or model_cfg.pretrained)
 
 
-def top1(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Micro top-1 accuracy in percent."""
-    m = MulticlassAccuracy(num_classes=num_classes, average="micro")
-    return float(m(preds, labels)) * 100.0
+def identity(model_cfg: ModelConfig, data_cfg) -> Optional[str]:
+    """What identifies the FP weights for the resume guard: the training cache key (which
+    carries the training code's version), a checkpoint file's content digest, or None for
+    library weights (named by the config itself)."""
+    if trains(model_cfg):
+        return fp_cache_key(model_cfg, data_cfg)
+    return file_digest(model_cfg.checkpoint) if model_cfg.checkpoint else None
+
+
+def build(model_cfg: ModelConfig, dm) -> nn.Module:
+    """The FP network for ``dm``'s data, initialised from the data seed (one FP model serves
+    every run seed); the datamodule's transforms follow it."""
+    torch.manual_seed(dm.cfg.seed)
+    model = build_model(model_cfg, dm.meta())
+    dm.attach_model(model)
+    return model
+
+
+def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Split:
+    """``model`` split into prefix / blocks / suffix, checked to reproduce the model on
+    ``example`` [2, ...]."""
+    s = split_model(model, model_cfg.family, example_input=example)
+    check_split(model, s, example, atol=1e-4)
+    return s
+
+
+def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict) -> nn.Module:
+    """The FP weights: trained (or read from the cache) when the model needs training, else the
+    model as built (checkpoint or library weights already loaded)."""
+    if trains(model_cfg):
+        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs)
+    return model.eval()

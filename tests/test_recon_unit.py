@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from packptq.quant import QuantConfig, QuantLayer, WeightQuantizer, calibrate, fold_bn, quantize_model
-from packptq.reconstruct import ActivationCache, ReconConfig, UnitReconstruction, reconstruct_unit, rec_loss
+from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, reconstruct_unit, rec_loss
 from packptq.zoo import split_model
 
 from conftest import tiny_cfg
