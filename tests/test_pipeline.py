@@ -42,6 +42,20 @@ def fp_layers(cfg) -> dict:
     return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def fp_act_elems(cfg) -> dict:
+    """Conv/Linear name -> elements per sample of its input in the FP model (one 1x16x16 digit)."""
+    meta = {"num_classes": 10, "in_chans": 1, "img_size": 16}
+    model = build_model(typed(ModelConfig, cfg.model, "model"), meta).eval()
+    elems = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: elems.__setitem__(n, i[0][0].numel()))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(2, 1, 16, 16))
+    for h in hooks:
+        h.remove()
+    return elems
+
+
 _RUNS: dict = {}
 
 
@@ -84,11 +98,20 @@ def test_results_of_each_policy(policy, policy_run):
     assert all(v >= 0 for v in res["time_s"].values())
     assert len(res["calib_fingerprint"]) == 16 and res["calib_size"] == 64
 
-    # accuracies: the FP model learned, quantization keeps most of it
-    for k in ("fp_top1", "rtn_top1", "quant_top1", "agreement"):
+    # accuracies on the 400 test digits, seed 0 (measured): FP 93.0, RTN 89.75 (agreement with FP
+    # 92.25); after 20 steps per unit, top-1 / agreement: layer 89.25 / 91.0, block 90.0 / 90.5,
+    # hessian 88.75 / 90.5. Reconstruction must keep agreement within 2 points of RTN's (the
+    # measured worst is 1.75 below; a 250x activation step-size learning rate gives 89.75, and
+    # AdaRound at lr 1 without its regulariser 80.5) and top-1 within 5 points of FP (measured
+    # worst 4.25 below).
+    for k in ("fp_top1", "rtn_top1", "quant_top1", "agreement", "rtn_agreement"):
         assert 0.0 <= res[k] <= 100.0
-    assert res["fp_top1"] > 30.0  # 10 classes: chance is 10%
-    assert res["quant_top1"] > res["fp_top1"] - 25.0 and res["agreement"] > 50.0
+    assert res["fp_top1"] > 85.0  # 10 classes: chance is 10%
+    assert res["rtn_top1"] > res["fp_top1"] - 5.0 and res["rtn_agreement"] > 90.0
+    assert res["quant_top1"] >= res["fp_top1"] - 5.0
+    assert res["agreement"] >= res["rtn_agreement"] - 2.0
+    if policy != "none":  # the reconstructed model is not the RTN model
+        assert (res["quant_top1"], res["agreement"]) != (res["rtn_top1"], res["rtn_agreement"])
 
     # bit accounting against the model itself: first and last layer at 8 bits, the rest at 4
     layers = fp_layers(cfg)
@@ -97,7 +120,12 @@ def test_results_of_each_policy(policy, policy_run):
     want = sum(c * (8 if name in (first, last) else 4) for name, c in layers.items()) / n
     assert res["n_weights"] == n
     assert res["w_bits_avg"] == pytest.approx(want, rel=1e-9)
-    assert 4.0 < res["a_bits_avg"] < 8.0
+    # activations: every Conv/Linear quantizes its input, except the first (the image); the last
+    # layer's input at 8 bits, the rest at 4; weighted by elements per sample (4.0748 here)
+    acts = {name: e for name, e in fp_act_elems(cfg).items() if name != first}
+    assert set(acts) == set(layers) - {first}
+    want_a = sum(e * (8 if name == last else 4) for name, e in acts.items()) / sum(acts.values())
+    assert res["a_bits_avg"] == pytest.approx(want_a, rel=1e-9)
     assert n * want / 8 <= res["size_bytes"] <= n * want / 8 + 16 * n / 8  # + scales, zero points, biases
 
     # units: the reconstruction plan
