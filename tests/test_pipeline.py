@@ -214,23 +214,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, policy_run):
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
+        # unit_XX.pt is written atomically after its unit: once unit_02.pt is there, units 3..9,
+        # the evaluation and results.json are still ahead. Stop the process there, look at the
+        # run directory while nothing moves, then kill it.
         deadline = time.monotonic() + 300
         while not (run_dir / "unit_02.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
+            time.sleep(0.005)
+        alive = proc.poll() is None
+        if alive:
+            proc.send_signal(signal.SIGSTOP)
+        results_at_kill = (run_dir / "results.json").exists()
+        done = sorted(p.name for p in run_dir.glob("unit_*.pt"))
+        if alive:
+            proc.send_signal(signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
         log.close()
-    assert (run_dir / "unit_02.pt").exists(), (tmp_path / "killed.log").read_text()[-3000:]
-    finished = (run_dir / "results.json").exists()
-    print(f"killed mid-run: {not finished}")
-    if finished:  # it finished before the kill: interrupt it by hand
-        (run_dir / "results.json").unlink()
-        for p in run_dir.glob("unit_*"):
-            if int(p.name[5:7]) > 2:
-                p.unlink()
-    done = sorted(p.name for p in run_dir.glob("unit_*.pt"))
-    assert "unit_09.pt" not in done and not (run_dir / "results.json").exists()
+    assert alive and proc.returncode == -signal.SIGKILL, (proc.returncode, (tmp_path / "killed.log").read_text()[-3000:])
+    assert not results_at_kill and not (run_dir / "results.json").exists()
+    assert "unit_02.pt" in done and "unit_09.pt" not in done  # some, not all, of the 10 units
+    assert done == [f"unit_{i:02d}.pt" for i in range(len(done))] and 3 <= len(done) < 10
+    assert sorted(p.name for p in run_dir.glob("unit_*.pt")) == done  # nothing written after the stop
     mtimes = {name: (run_dir / name).stat().st_mtime_ns for name in done}
 
     # the same command in the same directory resumes after the last finished unit
