@@ -154,7 +154,12 @@ def sweep_values(params) -> list:
     return out
 
 
-@pytest.mark.parametrize("name", options("experiment"))
+#: experiments whose sweeps compose many values (5.7 to 7.4 s each on a shared 2-core box)
+SLOW_EXPERIMENTS = {"paper_cnn", "paper_vit", "ablation_granularity", "ablation_granularity_deit"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERIMENTS else n
+                                  for n in options("experiment")])
 def test_experiment_composes_and_every_sweep_value_types(name, tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGENET_DIR", str(tmp_path))  # paper presets use the real datasets
     monkeypatch.setenv("MODELNET40_DIR", str(tmp_path))

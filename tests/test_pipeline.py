@@ -83,6 +83,7 @@ def strict_running_minima(scores):
 # ---------------------------------------------------------------------------------------------
 # results of each packing policy
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "layer", "block", "hessian"])
 def test_results_of_each_policy(policy, policy_run):
     res, run_dir, cfg = policy_run(policy)
@@ -165,6 +166,7 @@ def test_results_of_each_policy(policy, policy_run):
         assert res["scores"] is None
 
 
+@pytest.mark.slow
 def test_block_reconstruction_beats_rtn_where_rtn_loses(trained_tiny, tmp_path):
     """At W3A3 the tiny network loses 24 points under RTN (93.0 -> 69.0, seed 0); 50 block-wise
     steps per unit win back 7.25 points of top-1 and 7.5 of agreement with FP (measured). At W4A4
@@ -207,6 +209,7 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "bad" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, policy_run):
     ref, ref_dir, _ = policy_run("block")  # uninterrupted, same settings and seed
     run_dir = tmp_path / "resumed"
@@ -335,6 +338,7 @@ def test_tiny_setting_is_what_the_tests_think():
     assert cfg.data.calib_seed == cfg.seed == 0
 
 
+@pytest.mark.slow
 def test_fp_training_trains_batchnorm(trained_tiny):
     bns = [m for m in trained_tiny[0].modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(int(m.num_batches_tracked) > 0 for m in bns)
@@ -352,6 +356,7 @@ def test_fp_training_decays_weights_but_not_norms_or_biases():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
     """The FP cache key carries the training-code version: rerunning a finished run directory
     under a retrained FP model (same config) is refused instead of mixing their artifacts."""
@@ -367,6 +372,7 @@ def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the command-line contract other tools script against (issue 2)
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, monkeypatch):
     """``packptq model=resnet18 model.checkpoint=PATH data=npz data.path=PATH data.calib_size=N
     quant.w_bits=3 quant.a_bits=3 packing=block recon.iters=N recon.batch_size=32 seed=0 logger=csv``
@@ -416,6 +422,7 @@ def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, m
     assert any(r.get("eval/quant_top1") for r in rows)
 
 
+@pytest.mark.slow
 def test_iters_per_block_gives_a_pack_the_steps_of_its_blocks(trained_tiny, tmp_path):
     """recon.iters_per=block: a pack of k blocks is fitted for k * iters steps (the total of
     block-wise reconstruction); layer units outside the blocks keep iters."""

@@ -275,6 +275,7 @@ def compose_launcher(conf: Path, overrides: list[str]) -> dict:
                 "env_set": OmegaConf.to_container(cfg.hydra.job.env_set, resolve=True)}
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_and_is_collected(app):
     """A real two-job sweep through submitit's local executor."""
     env = {k: v for k, v in os.environ.items() if k != "PACKPTQ_THREADS"}

@@ -76,8 +76,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("stem,override,kwargs,shape,n_blocks,n_attn", CASES, ids=[
-    c[1].get("name", c[0]) for c in CASES])
+#: cases quick enough for the fast lane (``-m "not slow"``); the others took 1.4 to 6 s each on a shared 2-core box
+FAST = {"resnet18", "pointnet"}
+
+
+@pytest.mark.parametrize("stem,override,kwargs,shape,n_blocks,n_attn", [
+    pytest.param(*c, id=c[1].get("name", c[0]), marks=() if c[0] in FAST else pytest.mark.slow) for c in CASES])
 def test_zoo_quantizes_and_reconstructs(stem, override, kwargs, shape, n_blocks, n_attn):
     torch.manual_seed(0)
     cfg = model_cfg(stem, override, kwargs)
