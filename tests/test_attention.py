@@ -39,7 +39,8 @@ def build(key: str):
     return model, torch.randn(4, 3, img, img), n_attn
 
 
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow) if k.startswith("swin") else k
+                                 for k in MODELS])
 def test_quantized_attention_equals_timm_forward(key):
     """Replacing timm's attention forward does not change the FP output: right after
     conversion (quantizers uncalibrated) and, after calibration, with quantizers disabled."""
@@ -195,7 +196,8 @@ def test_fold_channel_ranges_is_exact():
     assert not torch.equal(layer2.layer.weight, layer.layer.weight)  # weights did absorb r1
 
 
-@pytest.mark.parametrize("key,n_pairs", [("deit", 4), ("swin", 16), ("swin_padded", 12)])
+@pytest.mark.parametrize("key,n_pairs", [("deit", 4), pytest.param("swin", 16, marks=pytest.mark.slow),
+                                         pytest.param("swin_padded", 12, marks=pytest.mark.slow)])
 def test_ln_reparam_keeps_fp_function(key, n_pairs):
     """calibrate() folds every LN -> Linear pair (two per block), except those of the Swin
     stages whose windows are padded; the model's FP function does not change and the folded
@@ -231,6 +233,7 @@ def test_ln_reparam_keeps_fp_function(key, n_pairs):
     torch.testing.assert_close(seen["q"], seen["fp"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_ln_reparam_config_errors():
     with pytest.raises(ConfigError, match="act_placement"):
         QuantConfig(ln_reparam=True, act_placement="output")

@@ -48,6 +48,7 @@ def layers_under(qmodel, prefixes):
 
 
 # -- full runs -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, trained_tiny, spy):
     run_dir = tmp_path / "run"
     r = pipeline.run(mp_cfg(run_dir, "mp=budget", "mp.avg_bits=3.0"))
@@ -83,6 +84,7 @@ def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, t
     assert table[:, 0].sum() > table[:, 2].sum()  # 2 bits hurt more than 4, summed over packs
 
 
+@pytest.mark.slow
 def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, trained_tiny, monkeypatch):
     cfg = mp_cfg(tmp_path / "run", "mp=budget", "mp.avg_bits=3.5", "packing=block", "recon.iters=0")
     first = pipeline.run(cfg)
@@ -95,6 +97,7 @@ def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, trained_tiny, m
     assert again["bits"] == first["bits"] and again["w_bits_avg"] == first["w_bits_avg"] <= 3.5
 
 
+@pytest.mark.slow
 def test_official_run_reports_its_achieved_average(tmp_path, trained_tiny, spy):
     r = pipeline.run(mp_cfg(tmp_path / "run", "mp=official", "packing=block", "recon.iters=0"))
     mp = r["mp"]

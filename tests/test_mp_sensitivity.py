@@ -13,6 +13,7 @@ from packptq.mp import kl_sensitivity, plan, set_group_bits
 from packptq.quant import ActQuantizer, QuantConfig, QuantLayer
 
 
+@pytest.mark.slow
 def test_kl_sensitivity_shape_and_restores_the_quantizers():
     _, _, q, fsplit, qsplit, x = tiny_quantized()
     before_sd, before_bits = quantizer_state(q)

@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
 KERNEL = "packptq-test"
 
+pytestmark = pytest.mark.slow  # a Jupyter kernel start and the whole notebook
+
 
 @pytest.fixture
 def report_dir(tmp_path) -> Path:

@@ -42,6 +42,20 @@ def fp_layers(cfg) -> dict:
     return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def fp_act_elems(cfg) -> dict:
+    """Conv/Linear name -> elements per sample of its input in the FP model (one 1x16x16 digit)."""
+    meta = {"num_classes": 10, "in_chans": 1, "img_size": 16}
+    model = build_model(typed(ModelConfig, cfg.model, "model"), meta).eval()
+    elems = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: elems.__setitem__(n, i[0][0].numel()))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(2, 1, 16, 16))
+    for h in hooks:
+        h.remove()
+    return elems
+
+
 _RUNS: dict = {}
 
 
@@ -69,6 +83,7 @@ def strict_running_minima(scores):
 # ---------------------------------------------------------------------------------------------
 # results of each packing policy
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "layer", "block", "hessian"])
 def test_results_of_each_policy(policy, policy_run):
     res, run_dir, cfg = policy_run(policy)
@@ -84,11 +99,20 @@ def test_results_of_each_policy(policy, policy_run):
     assert all(v >= 0 for v in res["time_s"].values())
     assert len(res["calib_fingerprint"]) == 16 and res["calib_size"] == 64
 
-    # accuracies: the FP model learned, quantization keeps most of it
-    for k in ("fp_top1", "rtn_top1", "quant_top1", "agreement"):
+    # accuracies on the 400 test digits, seed 0 (measured): FP 93.0, RTN 89.75 (agreement with FP
+    # 92.25); after 20 steps per unit, top-1 / agreement: layer 89.25 / 91.0, block 90.0 / 90.5,
+    # hessian 88.75 / 90.5. Reconstruction must keep agreement within 2 points of RTN's (the
+    # measured worst is 1.75 below; a 250x activation step-size learning rate gives 89.75, and
+    # AdaRound at lr 1 without its regulariser 80.5) and top-1 within 5 points of FP (measured
+    # worst 4.25 below).
+    for k in ("fp_top1", "rtn_top1", "quant_top1", "agreement", "rtn_agreement"):
         assert 0.0 <= res[k] <= 100.0
-    assert res["fp_top1"] > 30.0  # 10 classes: chance is 10%
-    assert res["quant_top1"] > res["fp_top1"] - 25.0 and res["agreement"] > 50.0
+    assert res["fp_top1"] > 85.0  # 10 classes: chance is 10%
+    assert res["rtn_top1"] > res["fp_top1"] - 5.0 and res["rtn_agreement"] > 90.0
+    assert res["quant_top1"] >= res["fp_top1"] - 5.0
+    assert res["agreement"] >= res["rtn_agreement"] - 2.0
+    if policy != "none":  # the reconstructed model is not the RTN model
+        assert (res["quant_top1"], res["agreement"]) != (res["rtn_top1"], res["rtn_agreement"])
 
     # bit accounting against the model itself: first and last layer at 8 bits, the rest at 4
     layers = fp_layers(cfg)
@@ -97,7 +121,12 @@ def test_results_of_each_policy(policy, policy_run):
     want = sum(c * (8 if name in (first, last) else 4) for name, c in layers.items()) / n
     assert res["n_weights"] == n
     assert res["w_bits_avg"] == pytest.approx(want, rel=1e-9)
-    assert 4.0 < res["a_bits_avg"] < 8.0
+    # activations: every Conv/Linear quantizes its input, except the first (the image); the last
+    # layer's input at 8 bits, the rest at 4; weighted by elements per sample (4.0748 here)
+    acts = {name: e for name, e in fp_act_elems(cfg).items() if name != first}
+    assert set(acts) == set(layers) - {first}
+    want_a = sum(e * (8 if name == last else 4) for name, e in acts.items()) / sum(acts.values())
+    assert res["a_bits_avg"] == pytest.approx(want_a, rel=1e-9)
     assert n * want / 8 <= res["size_bytes"] <= n * want / 8 + 16 * n / 8  # + scales, zero points, biases
 
     # units: the reconstruction plan
@@ -137,6 +166,7 @@ def test_results_of_each_policy(policy, policy_run):
         assert res["scores"] is None
 
 
+@pytest.mark.slow
 def test_block_reconstruction_beats_rtn_where_rtn_loses(trained_tiny, tmp_path):
     """At W3A3 the tiny network loses 24 points under RTN (93.0 -> 69.0, seed 0); 50 block-wise
     steps per unit win back 7.25 points of top-1 and 7.5 of agreement with FP (measured). At W4A4
@@ -179,6 +209,7 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "bad" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, policy_run):
     ref, ref_dir, _ = policy_run("block")  # uninterrupted, same settings and seed
     run_dir = tmp_path / "resumed"
@@ -186,23 +217,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, policy_run):
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
+        # unit_XX.pt is written atomically after its unit: once unit_02.pt is there, units 3..9,
+        # the evaluation and results.json are still ahead. Stop the process there, look at the
+        # run directory while nothing moves, then kill it.
         deadline = time.monotonic() + 300
         while not (run_dir / "unit_02.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
+            time.sleep(0.005)
+        alive = proc.poll() is None
+        if alive:
+            proc.send_signal(signal.SIGSTOP)
+        results_at_kill = (run_dir / "results.json").exists()
+        done = sorted(p.name for p in run_dir.glob("unit_*.pt"))
+        if alive:
+            proc.send_signal(signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
         log.close()
-    assert (run_dir / "unit_02.pt").exists(), (tmp_path / "killed.log").read_text()[-3000:]
-    finished = (run_dir / "results.json").exists()
-    print(f"killed mid-run: {not finished}")
-    if finished:  # it finished before the kill: interrupt it by hand
-        (run_dir / "results.json").unlink()
-        for p in run_dir.glob("unit_*"):
-            if int(p.name[5:7]) > 2:
-                p.unlink()
-    done = sorted(p.name for p in run_dir.glob("unit_*.pt"))
-    assert "unit_09.pt" not in done and not (run_dir / "results.json").exists()
+    assert alive and proc.returncode == -signal.SIGKILL, (proc.returncode, (tmp_path / "killed.log").read_text()[-3000:])
+    assert not results_at_kill and not (run_dir / "results.json").exists()
+    assert "unit_02.pt" in done and "unit_09.pt" not in done  # some, not all, of the 10 units
+    assert done == [f"unit_{i:02d}.pt" for i in range(len(done))] and 3 <= len(done) < 10
+    assert sorted(p.name for p in run_dir.glob("unit_*.pt")) == done  # nothing written after the stop
     mtimes = {name: (run_dir / name).stat().st_mtime_ns for name in done}
 
     # the same command in the same directory resumes after the last finished unit
@@ -301,6 +338,7 @@ def test_tiny_setting_is_what_the_tests_think():
     assert cfg.data.calib_seed == cfg.seed == 0
 
 
+@pytest.mark.slow
 def test_fp_training_trains_batchnorm(trained_tiny):
     bns = [m for m in trained_tiny[0].modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(int(m.num_batches_tracked) > 0 for m in bns)
@@ -318,6 +356,7 @@ def test_fp_training_decays_weights_but_not_norms_or_biases():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
     """The FP cache key carries the training-code version: rerunning a finished run directory
     under a retrained FP model (same config) is refused instead of mixing their artifacts."""
@@ -333,6 +372,7 @@ def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the command-line contract other tools script against (issue 2)
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, monkeypatch):
     """``packptq model=resnet18 model.checkpoint=PATH data=npz data.path=PATH data.calib_size=N
     quant.w_bits=3 quant.a_bits=3 packing=block recon.iters=N recon.batch_size=32 seed=0 logger=csv``
@@ -382,6 +422,7 @@ def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, m
     assert any(r.get("eval/quant_top1") for r in rows)
 
 
+@pytest.mark.slow
 def test_iters_per_block_gives_a_pack_the_steps_of_its_blocks(trained_tiny, tmp_path):
     """recon.iters_per=block: a pack of k blocks is fitted for k * iters steps (the total of
     block-wise reconstruction); layer units outside the blocks keep iters."""

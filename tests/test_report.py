@@ -170,8 +170,35 @@ def test_write_report_files(multirun, tmp_path):
     assert "±" in out["summary.md"].read_text()
     assert is_png(out["top1_vs_bits.png"]) and is_png(out["bits_per_pack.png"])
     # the notebook plots from the CSVs: lists must survive the round trip
-    assert report.plot_bits_per_pack(results) is not None
-    assert report.plot_top1_vs_bits(summary) is not None
+    fig = report.plot_bits_per_pack(results)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 2  # two distinct allocations, each shared by three seeds
+    bars = {}
+    for ax in panels:
+        assert ax.get_title().endswith(" hessian / knapsack (3 runs)"), ax.get_title()
+        assert ax.get_xlabel() == "block" and ax.get_ylabel() == "weight bits"
+        model = ax.get_title().split()[0]
+        bars[model] = [(p.get_x(), p.get_width(), p.get_height()) for p in ax.patches]
+        (avg,) = [line.get_ydata()[0] for line in ax.get_lines()]
+        assert avg == pytest.approx(3.0)  # w_bits_avg of the three runs
+    # bits per pack; bars span the pack sizes [1, 2, 1] read back from the CSV
+    assert bars == {"resnet18": [(0, 1, 2), (1, 2, 3), (3, 1, 4)],
+                    "deit_tiny": [(0, 1, 3), (1, 2, 3), (3, 1, 4)]}
+
+    fig = report.plot_top1_vs_bits(summary)
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "average weight bits" and ax.get_ylabel() == "top-1 (%)"
+    series = {}
+    for c in ax.containers:  # one errorbar series per model / packing / mp policy
+        line = c.lines[0]
+        series[c.get_label()] = (list(line.get_xdata()), list(line.get_ydata()))
+    want = {(m, p): ([float(w)], [statistics.mean(t)]) for (m, p, _, w, _), t in RUNS.items()}
+    assert len(series) == len(want) == 3
+    for (model, policy), (xs, ys) in want.items():
+        (label,) = [k for k in series if model in k and policy in k]
+        assert series[label][0] == pytest.approx(xs) and series[label][1] == pytest.approx(ys), label
+    fp_lines = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in fp_lines] == [[90.0, 90.0]]  # one FP line for both models
 
 
 def test_bits_per_pack_is_skipped_without_allocations(tmp_path, multirun):
@@ -248,6 +275,7 @@ def compose_launcher(conf: Path, overrides: list[str]) -> dict:
                 "env_set": OmegaConf.to_container(cfg.hydra.job.env_set, resolve=True)}
 
 
+@pytest.mark.slow
 def test_local_sweep_runs_and_is_collected(app):
     """A real two-job sweep through submitit's local executor."""
     env = {k: v for k, v in os.environ.items() if k != "PACKPTQ_THREADS"}
