@@ -113,7 +113,7 @@ def test_trainer_options_are_trainer_arguments(option, tmp_path):
     assert not {"max_steps", "max_epochs", "max_time"} & set(kw)
     assert (trainer.max_steps, trainer.max_epochs) == (-1, None)
     # and a reconstruction Trainer built with the option runs exactly recon.iters steps
-    from packptq.reconstruct import make_trainer
+    from packptq.recon.unit import make_trainer
 
     recon = make_trainer({**kw, "accelerator": "cpu", "default_root_dir": str(tmp_path)}, cfg.recon.iters)
     assert cfg.recon.iters == 500

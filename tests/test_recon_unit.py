@@ -74,7 +74,6 @@ def block_err(unit: nn.Module, data) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("w_bits,a_bits", [(3, 3), (2, 4)])
-@pytest.mark.slow
 def test_block_loss_falls_and_beats_rtn(trained_tiny, w_bits, a_bits):
     unit, calib, test = block_setup(trained_tiny, w_bits, a_bits)
     rtn_calib, rtn_test = block_err(unit, calib), block_err(unit, test)
@@ -93,7 +92,6 @@ def test_block_loss_falls_and_beats_rtn(trained_tiny, w_bits, a_bits):
     assert after_test < rtn_test, (rtn_test, after_test)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_reconstruction_is_deterministic_per_seed(trained_tiny):
     outs = []
@@ -263,7 +261,6 @@ def test_units_without_parameters_are_frozen_without_training():
 # ---------------------------------------------------------------------------------------------
 # logging through a whole pipeline run
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.slow
 @pytest.mark.slow
 def test_every_unit_logs_its_loss_with_increasing_steps(tmp_path, trained_tiny):
     from packptq import pipeline
