@@ -42,6 +42,16 @@ class RunDir:
         self.write_json(name, obj)
         return obj
 
+    def record(self, name: str, obj: Any) -> Any:
+        """Write the JSON artifact ``name``; on resume, check that the one there holds the same
+        (a result derived from artifacts that were read back must reproduce them), else raise a
+        ConfigError: the run directory mixes two runs."""
+        old = self.cached_json(name, lambda: obj)
+        if old != json.loads(json.dumps(obj, default=_jsonable)):
+            raise ConfigError(f"{self.path / name} differs from what this run derives; the run directory "
+                              "mixes two runs: use a new one (hydra.run.dir=...)")
+        return obj
+
     def save_pt(self, name: str, obj: Any) -> Path:
         return _atomic(self.path / name, lambda p: torch.save(obj, p))
 

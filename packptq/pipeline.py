@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from packptq import fp, mp
 from packptq.artifacts import RunDir, hash_obj
 from packptq.calibration import calibrate_twins
-from packptq.config import ConfigError, typed
+from packptq.config import typed
 from packptq.data import build_datamodule
 from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
@@ -89,7 +89,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     names = twins.block_names
     with timer.phase("pack"):
         packs = make_packs(pcfg, names, scores["S"] if scores else None, seed)
-        packs = _packs_artifact(rd, pcfg.policy, names, packs)
+        rd.record("packs.json", {"policy": pcfg.policy, "packs": [[names[i] for i in p] for p in packs]})
         log_table(logger, "packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)]
                                                                for j, p in enumerate(packs)])
 
@@ -136,13 +136,3 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     print_table(results)
     return results
 
-
-def _packs_artifact(rd: RunDir, policy: str, names, packs):
-    """Write ``packs.json``; on resume, the packs it holds must be the ones formed now (the
-    scores they come from are read back), else the run directory is inconsistent."""
-    record = {"policy": policy, "packs": [[names[i] for i in p] for p in packs]}
-    old = rd.cached_json("packs.json", lambda: record)
-    if old != record:
-        raise ConfigError(f"{rd.path / 'packs.json'} holds other packs than this run forms; "
-                          "use a new run directory (hydra.run.dir=...)")
-    return packs

@@ -93,11 +93,12 @@ def hessian_scores(fp_split, q_split, x: torch.Tensor, y: torch.Tensor, loss: st
                    batch_size: int = 64, device: torch.device | None = None, progress: bool = True) -> dict:
     """Importance score S_b and omega_b of every block: only block b quantized (the quantized
     model's block with initialised quantizers), every other part FP. ``x`` [n, ...] calibration
-    inputs, ``y`` [n] labels (on the CPU; batches move to ``device``). Returns
+    inputs, ``y`` [n] labels (on the CPU; batches move to ``device``, by default ``x``'s
+    device). Returns
     {"S": [...], "omega": [...], "names": [...], "loss": loss}."""
     entry = SCORE_LOSSES.get(loss)
-    device = device or torch.device("cpu")
     fp_blocks = [b for _, b in fp_split.blocks]
+    device = device if device is not None else x.device
     q_blocks = [b for _, b in q_split.blocks]
     h = forward_all(fp_split.prefix, x, batch_size, device)  # FP input of block 0
     fp_logits = forward_all(fp_split.forward, x, batch_size, device)

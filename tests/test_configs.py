@@ -173,11 +173,11 @@ def test_experiment_composes_and_every_sweep_value_types(name, tmp_path, monkeyp
         check_owned(compose_cfg(over + [value], return_hydra_config=True))
 
 
-@pytest.mark.parametrize("group", ["quant", "packing", "mp", "recon"])
+@pytest.mark.parametrize("group", ["quant", "packing", "mp", "recon", "model"])
 def test_choice_files_hold_only_what_differs_from_the_schema(group):
     """Each default is written once, in the schema registered as <group>/base: a choice file
     names that base and sets no key to the value the schema already has, the keys that name the
-    choice itself (a packing/mp policy, a quant file's bit-widths) aside."""
+    choice itself (a packing/mp policy, a quant file's bit-widths, a model's name) aside."""
     from packptq.schemas import SCHEMAS
 
     defaults = {f: getattr(SCHEMAS[group](), f) for f in SCHEMAS[group].__dataclass_fields__}
@@ -185,5 +185,5 @@ def test_choice_files_hold_only_what_differs_from_the_schema(group):
         section = OmegaConf.to_container(OmegaConf.load(path))
         assert section.pop("defaults", None) == ["base", "_self_"], path
         assert set(section) <= set(defaults), (path, set(section) - set(defaults))
-        repeated = {k: v for k, v in section.items() if v == defaults[k] and k not in ("policy", "w_bits", "a_bits")}
+        repeated = {k: v for k, v in section.items() if v == defaults[k] and k not in ("policy", "w_bits", "a_bits", "name")}
         assert not repeated, (path, repeated)

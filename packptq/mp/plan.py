@@ -143,7 +143,7 @@ class MixedPrecision:
             sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
         for layer_names, w in ((twins.prefix_layers, alloc.prefix_bits), (twins.suffix_layers, alloc.suffix_bits)):
             sensitivity.set_group_bits([layers(n) for n in layer_names], w, self._acts(w))
-        rd.write_json(BITS_FILE, bits_json(pack_names, alloc, acts))
+        rd.record(BITS_FILE, bits_json(pack_names, alloc, acts))
         self.allocation, self.act_bits = alloc, acts
         print(f"[packptq] {alloc.describe()}")
         outside = weight_count([qmodel]) - alloc.n_weights
