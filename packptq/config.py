@@ -29,8 +29,8 @@ def typed(schema: Type[T], section: Any, where: str) -> T:
                     raise ConfigError(f"'{where}' config needs a value for {missing} (e.g. {where}.{missing[0]}=...)")
                 section = OmegaConf.to_container(section, resolve=True)
             # free-form dict fields (e.g. model.kwargs) accept any keys; the rest stays strict
-            for key, value in list(base.items()) if isinstance(section, dict) else []:
-                if isinstance(value, DictConfig) and key in section:
+            for key in list(base.keys()) if isinstance(section, dict) else []:
+                if key in section and not OmegaConf.is_missing(base, key) and isinstance(base[key], DictConfig):
                     OmegaConf.set_struct(base[key], False)
             merged = OmegaConf.merge(base, section)
         else:

@@ -58,7 +58,9 @@ def compose_cfg(overrides: Sequence[str] = (), return_hydra_config: bool = False
     """Compose conf/config.yaml with ``overrides`` (no tiny settings added)."""
     from hydra import compose, initialize_config_dir
 
-    import packptq.schemas  # noqa: F401  (registers conf/<group>/base)
+    from packptq.schemas import register
+
+    register()  # conf/<group>/base (again: a test may have reset Hydra's singletons)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 

@@ -367,7 +367,7 @@ def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
 
     _, run_dir, cfg = policy_run("none")
     key = train_fp.fp_cache_key
-    monkeypatch.setattr(pipeline, "fp_cache_key", lambda m, d: key(m, d) + "-retrained")
+    monkeypatch.setattr(train_fp, "fp_cache_key", lambda m, d: key(m, d) + "-retrained")
     with pytest.raises(ConfigError, match="different config"):
         pipeline.run(cfg)
 
@@ -409,7 +409,9 @@ def test_command_line_contract_with_checkpoint_and_npz(trained_tiny, tmp_path, m
             "recon.iters=20", "recon.batch_size=32", "seed=0", "logger=csv", "progress=false",
             f"hydra.run.dir={run_dir}", f"cache_dir={tmp_path / 'empty_cache'}"]
     monkeypatch.setattr(sys, "argv", ["packptq", *args])
-    monkeypatch.setattr(pipeline, "train_or_load", lambda *a, **k: pytest.fail("trained an FP model"))
+    from packptq import fp
+
+    monkeypatch.setattr(fp, "train_or_load", lambda *a, **k: pytest.fail("trained an FP model"))
     try:
         cli_mod.main()
     finally:

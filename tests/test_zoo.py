@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from packptq.config import ConfigError, typed
+from packptq.schemas import register
 from packptq.zoo import SPLIT_RULES, SplitError, check_split, split_model
 from packptq.zoo.build import BUILDERS, ModelConfig, build_model
 from packptq.zoo.pointnet import PointNet
@@ -30,6 +31,7 @@ def _seed():
 def model_cfg(stem: str, kwargs=None, **override) -> ModelConfig:
     """conf/model/<stem>.yaml composed by Hydra and typed, with ``override`` applied (and
     ``kwargs`` set after typing: see test_model_kwargs_pass_typed)."""
+    register()  # model/base, the schema the choice files extend
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose(overrides=[f"+model={stem}"])
     cfg = typed(ModelConfig, OmegaConf.merge(cfg.model, override), "model")
@@ -273,7 +275,7 @@ def test_every_listed_model_has_a_config():
 
 
 def test_model_kwargs_pass_typed():
-    assert typed(ModelConfig, {"kwargs": {"drop_path_rate": 0.1}}, "model").kwargs == {"drop_path_rate": 0.1}
+    assert typed(ModelConfig, {"name": "resnet18", "kwargs": {"drop_path_rate": 0.1}}, "model").kwargs == {"drop_path_rate": 0.1}
 
 
 def test_timm_config_needs_a_name():

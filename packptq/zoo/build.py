@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from omegaconf import MISSING
+
 from packptq.config import ConfigError
 from packptq.registry import Registry
 
@@ -18,7 +20,7 @@ BUILDERS: Registry[Callable[["ModelConfig", dict], nn.Module]] = Registry("model
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"  # a timm model name, or a registered builder (e.g. "pointnet")
+    name: str = MISSING  # a timm model name, or a registered builder (e.g. "pointnet"); required
     family: str = "auto"  # block-discovery rule; "auto" tries each
     pretrained: bool = False  # timm pretrained weights (needs the hub: not used offline)
     checkpoint: Optional[str] = None  # state dict (plain or a Lightning checkpoint)
