@@ -6,12 +6,14 @@ Score of block b: with only block b quantized, over the calibration set,
 over samples, ``||dz||^2`` sums over a sample's elements. For a quadratic ``l`` with Hessian H
 and isotropic ``dz`` this is the mean curvature ``tr(H)/n``. ``omega_b = S_b * mean|dz|``.
 
-The loss ``l`` is a registry entry (``SCORE_LOSSES``): it says how to build ``l`` for a batch
-and which terms of the ratio it uses."""
+The score is a registry entry (``SCORE_LOSSES``): ``kl`` (l = KL to the FP output, so l(z_fp) = 0
+and g = 0), ``ce`` (cross-entropy with the labels) and ``official``, the official Pack-PTQ code's
+formula (``official_batch`` / ``official_finish``), which is positive and grows with the block's
+output size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +29,13 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ScoreLoss:
-    """build(rest, fp_logits, labels, z_q) -> l: the loss of a batch as a function of the block
-    output, where ``rest`` runs the FP network from the block's output to the logits.
-    terms(z_fp, z_q, l) -> (numerator sum, denominator sum, sum of mean|dz| per sample)."""
+    """One way to score a block. ``batch(z_fp, z_q, rest, fp_logits, labels)`` returns the sums
+    this score needs over one calibration batch (``rest`` runs the FP network from the block's
+    output to the logits); ``finish(sums, n)`` turns the sums over all ``n`` samples into
+    (S_b, omega_b)."""
 
-    build: Callable[[Callable, torch.Tensor, torch.Tensor, torch.Tensor], LossFn]
-    terms: Callable[[torch.Tensor, torch.Tensor, LossFn], tuple]
+    batch: Callable[[torch.Tensor, torch.Tensor, Callable, torch.Tensor, torch.Tensor], Dict[str, float]]
+    finish: Callable[[Dict[str, float], int], Tuple[float, float]]
 
 
 SCORE_LOSSES: Registry[ScoreLoss] = Registry("score loss")
@@ -53,34 +56,51 @@ def taylor_terms(z_fp: torch.Tensor, z_q: torch.Tensor, loss_fn: LossFn, fp_loss
     return float(num), float(dz.pow(2).flatten(1).sum(1).sum()), float(dz.abs().flatten(1).mean(1).sum())
 
 
-def official_terms(z_fp: torch.Tensor, z_q: torch.Tensor, loss_fn: LossFn) -> tuple:
-    """The official code's convention: L = KL against the quantized model's probabilities,
-    evaluated and differentiated at z_fp; S = (L - g.(z_fp - z_q)) / mean(0.5 (z_fp - z_q)^2),
-    returned as per-batch sums so that num / den reproduces that ratio."""
-    z0 = z_fp.detach().requires_grad_(True)
-    l0 = loss_fn(z0)
-    (g,) = torch.autograd.grad(l0.sum(), z0)
-    d = (z_fp - z_q).detach()
-    num = (l0.detach() - (g * d).flatten(1).sum(1)).sum()
-    den = (0.5 * d.pow(2)).flatten(1).mean(1).sum()
-    return float(num), float(den), float(d.abs().flatten(1).mean(1).sum())
+def _taylor(loss: Callable[[Callable, torch.Tensor, torch.Tensor], LossFn], fp_loss_zero: bool) -> ScoreLoss:
+    """A score from the second-order expansion of the loss ``loss(rest, fp_logits, labels)``:
+    S = sum 2 (l(z_q) - l(z_fp) - g.dz) / sum ||dz||^2, omega = S * mean over samples of mean|dz|."""
+
+    def batch(z_fp, z_q, rest, pb, yb):
+        num, den, absdz = taylor_terms(z_fp, z_q, loss(rest, pb, yb), fp_loss_zero)
+        return {"num": num, "den": den, "absdz": absdz}
+
+    def finish(t, n):
+        s = t["num"] / max(t["den"], 1e-30)
+        return s, s * t["absdz"] / n
+
+    return ScoreLoss(batch, finish)
 
 
-SCORE_LOSSES.register("kl")(ScoreLoss(
-    build=lambda rest, pb, yb, z_q: (lambda z: kl_per_sample(pb, rest(z))),
-    terms=lambda z_fp, z_q, fn: taylor_terms(z_fp, z_q, fn, fp_loss_zero=True)))
-SCORE_LOSSES.register("ce")(ScoreLoss(
-    build=lambda rest, pb, yb, z_q: (lambda z: F.cross_entropy(rest(z), yb, reduction="none")),
-    terms=taylor_terms))
+SCORE_LOSSES.register("kl")(_taylor(lambda rest, pb, yb: (lambda z: kl_per_sample(pb, rest(z))), True))
+SCORE_LOSSES.register("ce")(_taylor(lambda rest, pb, yb: (lambda z: F.cross_entropy(rest(z), yb, reduction="none")),
+                                    False))
 
 
-def _official_loss(rest, pb, yb, z_q) -> LossFn:
+def official_batch(z_fp, z_q, rest, pb, yb) -> Dict[str, float]:
+    """The official code's sums over one batch: the block-quantized model's output distribution
+    p_q is the target; ``kl`` is sum over samples of KL(p_q || p_fp); ``g`` is the gradient, with
+    respect to the FP block output, of the batch-mean KL(p_q || softmax(rest(z))) at z_fp; with
+    d = z_fp - z_q: ``gd`` = sum(g * d), ``sq`` = sum(d * d / 2), ``abs`` = sum|d| and ``elems``
+    the number of output elements."""
     with torch.no_grad():
         pq = rest(z_q)
-    return lambda z: kl_per_sample(pq, rest(z))
+    z0 = z_fp.detach().requires_grad_(True)
+    batch_kl = kl_per_sample(pq, rest(z0)).mean()
+    (g,) = torch.autograd.grad(batch_kl, z0)
+    d = (z_fp - z_q).detach().double()
+    return {"kl": float(kl_per_sample(pq, pb).double().sum()), "gd": float((g.double() * d).sum()),
+            "sq": float(0.5 * d.pow(2).sum()), "abs": float(d.abs().sum()), "elems": d.numel()}
 
 
-SCORE_LOSSES.register("official")(ScoreLoss(build=_official_loss, terms=official_terms))
+def official_finish(t: Dict[str, float], n: int) -> Tuple[float, float]:
+    """S = (L - sum(g*d)/N) / (sum(d*d/2)/N) with L the calibration-set mean of KL(p_q || p_fp)
+    and N all output elements of the set; omega = S * sum|d|/N."""
+    N = max(int(t["elems"]), 1)
+    s = (t["kl"] / n - t["gd"] / N) / max(t["sq"] / N, 1e-12)
+    return s, s * t["abs"] / N
+
+
+SCORE_LOSSES.register("official")(ScoreLoss(official_batch, official_finish))
 
 
 def _rest(blocks: Sequence[nn.Module], suffix: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -106,19 +126,19 @@ def hessian_scores(fp_split, q_split, x: torch.Tensor, y: torch.Tensor, loss: st
     omega: List[float] = []
     it = tqdm(range(len(fp_blocks)), desc="score blocks", disable=not progress, leave=False)
     for b in it:
-        num = den = absdz = 0.0
+        sums: Dict[str, float] = {}
         rest = lambda z: _rest(fp_blocks[b + 1:], fp_split.suffix, z)  # noqa: E731
         for i in range(0, len(h), batch_size):
             hb = h[i:i + batch_size].to(device)
             with torch.no_grad():
                 z_fp = fp_blocks[b](hb)
                 z_q = q_blocks[b](hb)
-            fn = entry.build(rest, fp_logits[i:i + len(hb)].to(device), y[i:i + len(hb)].to(device), z_q)
             with torch.enable_grad():
-                n_, d_, a_ = entry.terms(z_fp, z_q, fn)
-            num, den, absdz = num + n_, den + d_, absdz + a_
-        s = num / max(den, 1e-30)
+                part = entry.batch(z_fp, z_q, rest, fp_logits[i:i + len(hb)].to(device), y[i:i + len(hb)].to(device))
+            for k, v in part.items():
+                sums[k] = sums.get(k, 0.0) + v
+        s, o = entry.finish(sums, len(h))
         S.append(s)
-        omega.append(s * absdz / len(h))
+        omega.append(o)
         h = forward_all(fp_blocks[b], h, batch_size, device)
     return {"names": fp_split.block_names, "S": S, "omega": omega, "loss": loss}

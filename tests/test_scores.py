@@ -145,20 +145,85 @@ def test_hessian_scores_kl_matches_the_softmax_curvature():
         assert o == pytest.approx(s * mean_abs, rel=0.05)
 
 
-def test_official_convention_has_the_opposite_sign():
-    # the official code's combination, by our reading: -tr(H) (curvature times -n) for small dz
+class Rounded(nn.Module):
+    """A deterministic 'quantized' block: the FP block's output rounded to a grid of ``step``."""
+
+    def __init__(self, block: nn.Module, step: float) -> None:
+        super().__init__()
+        self.block, self.step = block, step
+
+    def forward(self, x):
+        return torch.round(self.block(x) / self.step) * self.step
+
+
+def official_reference(fp_blocks, q_blocks, head, x, bs):
+    """The official Pack-PTQ formula written out directly, one block quantized at a time: L from
+    F.kl_div over the whole set (batch mean), g from F.kl_div per batch (batch mean) by autograd
+    through the network, d = z_fp - z_q, N = all output elements."""
+    def run(z, b_q):
+        outs = []
+        for k, blk in enumerate(fp_blocks):
+            z = (q_blocks[k] if k == b_q else blk)(z)
+            outs.append(z)
+        return head(z), outs
+
+    S, omega = [], []
+    for b in range(len(fp_blocks)):
+        with torch.no_grad():
+            pred_q, _ = run(x, b)
+            fp_pred, _ = run(x, None)
+        L = F.kl_div(F.log_softmax(fp_pred, -1), F.softmax(pred_q, -1), reduction="batchmean")
+        gd = sq = ab = 0.0
+        N = 0
+        for i in range(0, len(x), bs):
+            xb = x[i:i + bs]
+            with torch.no_grad():
+                teacher, q_outs = run(xb, b)
+            z = xb
+            for k in range(b + 1):
+                z = fp_blocks[k](z)
+            z_fp = z.detach().requires_grad_(True)
+            y = z_fp
+            for blk in fp_blocks[b + 1:]:
+                y = blk(y)
+            loss = F.kl_div(F.log_softmax(head(y), -1), F.softmax(teacher, -1), reduction="batchmean")
+            (g,) = torch.autograd.grad(loss, z_fp)
+            d = z_fp.detach() - q_outs[b]
+            gd += float((g * d).sum())
+            sq += float((0.5 * d * d).sum())
+            ab += float(d.abs().sum())
+            N += d.numel()
+        s = (float(L) - gd / N) / (sq / N)
+        S.append(s)
+        omega.append(s * ab / N)
+    return S, omega
+
+
+def test_official_score_is_the_official_formula():
     torch.manual_seed(1)
-    n, classes, N = 6, 4, 2000
+    n, classes, N = 6, 4, 600
+    fp_blocks = [nn.Sequential(nn.Linear(n, n), nn.Tanh()).double() for _ in range(3)]
+    q_blocks = [Rounded(blk, 0.05) for blk in fp_blocks]
     W = torch.randn(classes, n, dtype=torch.float64)
+    head = lambda z: z @ W.T  # noqa: E731
     x = torch.randn(N, n, dtype=torch.float64)
     y = torch.randint(classes, (N,))
-    fp, q = toy_splits(W)
-    kl = hessian_scores(fp, q, x, y, loss="kl", batch_size=500, progress=False)["S"]
-    fp, q = toy_splits(W)
-    off = hessian_scores(fp, q, x, y, loss="official", batch_size=500, progress=False)["S"]
-    for a, b in zip(kl, off):
-        assert b < 0 < a
-        assert b / a == pytest.approx(-n, rel=0.1)
+    fp = SimpleNamespace(prefix=nn.Identity(), blocks=[(f"b{k}", m) for k, m in enumerate(fp_blocks)],
+                         suffix=head, block_names=["b0", "b1", "b2"])
+    fp.forward = lambda z: head(fp_blocks[2](fp_blocks[1](fp_blocks[0](z))))
+    q = SimpleNamespace(prefix=nn.Identity(), blocks=[(f"b{k}", m) for k, m in enumerate(q_blocks)],
+                        suffix=head, block_names=fp.block_names)
+    out = hessian_scores(fp, q, x, y, loss="official", batch_size=150, progress=False)
+    S_ref, omega_ref = official_reference(fp_blocks, q_blocks, head, x, 150)
+    assert out["S"] == pytest.approx(S_ref, rel=1e-6)
+    assert out["omega"] == pytest.approx(omega_ref, rel=1e-6)
+    # positive, and n_b (outputs per sample, 6 here) times the per-element curvature of the kl
+    # score: its correction term is divided by all N elements, so it barely moves it (measured
+    # ratios 5.98-5.99)
+    kl = hessian_scores(fp, q, x, y, loss="kl", batch_size=150, progress=False)["S"]
+    for a, b in zip(kl, out["S"]):
+        assert a > 0 and b > 0
+        assert b / a == pytest.approx(n, rel=0.02)
 
 
 def test_ce_score_runs_and_is_positive_for_a_convex_loss():
