@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from packptq.quant import QuantConfig, calibrate, fold_bn, quantize_model
+from packptq.quant.vit import copy_ln_reparam
 from packptq.twins import Twins, layer_groups
 from packptq.zoo import split_model
 
@@ -26,5 +27,9 @@ def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: tor
     qsplit, fsplit = split_model(qmodel, family), split_model(fp, family)
     torch.manual_seed(seed)
     calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range)
+    # the LayerNorm fold of quant.ln_reparam changes the coordinates of the folded Linears'
+    # inputs (block outputs are unchanged): the FP reference takes the same fold, so a layer
+    # unit mixes (QDrop) and compares inputs in one coordinate system
+    copy_ln_reparam(qmodel, fp)
     prefix_layers, block_layers, suffix_layers = layer_groups(qmodel, qsplit, example)
     return Twins(qmodel, fp, qsplit, fsplit, prefix_layers, block_layers, suffix_layers, device)
