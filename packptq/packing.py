@@ -23,6 +23,7 @@ class PackingPolicy:
     needs_scores: bool = False
     units: str = "packs"  # packs | layers (every QuantLayer of the blocks) | none
     required: Tuple[str, ...] = ()  # packing.* options that must be set
+    reads: Tuple[str, ...] = ()  # packing.* options it reads (`loss` is read whenever scores are)
 
 
 PACKING: Registry[PackingPolicy] = Registry("packing policy")
@@ -47,6 +48,14 @@ class PackingConfig:
             if not getattr(self, key):
                 raise ConfigError(f"packing={self.policy} needs packing.{key} (e.g. packing.packs=[[block,...],[...]], "
                                   "block names)")
+
+    def unused_options(self, scores_needed: bool) -> List[str]:
+        """The ``packing.*`` options set away from their defaults that this run would ignore:
+        those the policy does not read, and ``loss`` when no block scores are computed
+        (``scores_needed``: the policy's or mixed precision's need)."""
+        reads = set(self.entry.reads) | {"policy"} | ({"loss"} if scores_needed else set())
+        return [f for f in self.__dataclass_fields__
+                if f not in reads and getattr(self, f) != self.__dataclass_fields__[f].default]
 
     @property
     def entry(self) -> PackingPolicy:
@@ -113,8 +122,8 @@ PACKING.register("block")(PackingPolicy(form=_each_block))  # BRECQ / QDrop
 PACKING.register("net")(PackingPolicy(form=lambda names, scores, cfg, seed: [list(range(len(names)))]))
 PACKING.register("fixed")(PackingPolicy(
     form=lambda names, scores, cfg, seed: [list(range(i, min(i + cfg.size, len(names))))
-                                           for i in range(0, len(names), cfg.size)]))
+                                           for i in range(0, len(names), cfg.size)], reads=("size",)))
 PACKING.register("hessian")(PackingPolicy(form=lambda names, scores, cfg, seed: hessian_packs(scores),
                                           needs_scores=True))
-PACKING.register("random")(PackingPolicy(form=_random_packs, needs_scores=True))
-PACKING.register("manual")(PackingPolicy(form=_manual, required=("packs",)))
+PACKING.register("random")(PackingPolicy(form=_random_packs, needs_scores=True, reads=("seed",)))
+PACKING.register("manual")(PackingPolicy(form=_manual, required=("packs",), reads=("packs",)))

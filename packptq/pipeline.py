@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from packptq import fp, mp
 from packptq.artifacts import RunDir, hash_obj
 from packptq.calibration import calibrate_twins
-from packptq.config import typed
+from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
 from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
@@ -41,6 +41,11 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     pcfg = typed(PackingConfig, cfg.packing, "packing")
     mcfg = typed(ModelConfig, cfg.model, "model")
     mp_plan = mp.plan(cfg.mp, qcfg)
+    needs_scores = pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega)
+    unused = pcfg.unused_options(needs_scores)
+    if unused:
+        raise ConfigError(f"packing.{unused[0]} has no effect with packing={pcfg.policy}"
+                          f"{'' if needs_scores else ' (no block scores are computed)'}; remove it")
     dm = build_datamodule(cfg.data)
     trainer_kw = trainer_kwargs(cfg.get("trainer"))
     device = device_of(trainer_kw)
@@ -78,7 +83,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
 
     scores = None
-    if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):
+    if needs_scores:
         with timer.phase("score"):
             scores = rd.cached_json("scores.json", lambda: hessian_scores(
                 twins.fsplit, twins.qsplit, x_cal, y_cal, pcfg.loss, batch_size=bs, device=device,

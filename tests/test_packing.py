@@ -134,3 +134,13 @@ def test_unknown_policy_and_loss_list_the_known_ones():
         PackingConfig(loss="mse")
     with pytest.raises(ConfigError, match="size"):
         PackingConfig(policy="fixed", size=0)
+
+
+def test_options_a_policy_ignores_are_reported():
+    assert PackingConfig(policy="block", size=3).unused_options(False) == ["size"]
+    assert PackingConfig(policy="fixed", size=3).unused_options(False) == []
+    assert PackingConfig(policy="random", seed=4).unused_options(True) == []
+    assert PackingConfig(policy="hessian", seed=4).unused_options(True) == ["seed"]
+    # the score loss matters whenever scores are computed (packing's or mixed precision's need)
+    assert PackingConfig(policy="block", loss="official").unused_options(False) == ["loss"]
+    assert PackingConfig(policy="block", loss="official").unused_options(True) == []

@@ -311,6 +311,10 @@ BAD = [
     (["+data.calib_sise=8"], "bad 'data' config"),
     (["packing.policy=greedy"], "unknown packing.policy 'greedy'; known: .*hessian"),
     (["recon.drop_prob=1.5"], "drop_prob"),
+    (["packing=block", "packing.size=3"], "packing.size has no effect with packing=block"),
+    (["packing=hessian", "packing.seed=3"], "packing.seed has no effect with packing=hessian"),
+    (["packing=block", "packing.loss=ce"], r"packing.loss has no effect with packing=block \(no block scores"),
+    (["packing=fixed", "packing.packs=[[layer1.0]]"], "packing.packs has no effect with packing=fixed"),
 ]
 
 
