@@ -29,18 +29,18 @@ warm_fp() {  # one job per model first, so that no two jobs train the same FP mo
 
 lane_a() {  # resnet18: the budget grid and the official rule (15 runs)
   run experiment=mp_sweep mp=budget mp.avg_bits=3.0
-  run experiment=mp_sweep mp=official
+  run experiment=mp_sweep mp=official packing.loss=official
   run experiment=mp_sweep mp=budget mp.avg_bits=2.5,3.5,4.0
 }
 
 lane_b() {  # resnet18 uniform baselines, deit_tiny (8 + 6 runs)
   run experiment=mp_sweep mp=none quant.w_bits=3
   run experiment=mp_sweep_deit mp=budget mp.avg_bits=3.0
-  run experiment=mp_sweep_deit mp=official
+  run experiment=mp_sweep_deit mp=official packing.loss=official
   run experiment=mp_sweep mp=none quant.w_bits=2,4
   run experiment=mp_sweep_deit seed=1,2 mp=none quant.w_bits=3
   run experiment=mp_sweep_deit seed=1,2 mp=budget mp.avg_bits=3.0
-  run experiment=mp_sweep_deit seed=1,2 mp=official
+  run experiment=mp_sweep_deit seed=1,2 mp=official packing.loss=official
   run experiment=mp_sweep_deit mp=budget mp.avg_bits=2.5,3.5,4.0
   run experiment=mp_sweep_deit mp=none quant.w_bits=2,4
 }

@@ -41,6 +41,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     pcfg = typed(PackingConfig, cfg.packing, "packing")
     mcfg = typed(ModelConfig, cfg.model, "model")
     mp_plan = mp.plan(cfg.mp, qcfg)
+    if mp_plan is not None:
+        mp_plan.check_score_loss(pcfg.loss)
     needs_scores = pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega)
     unused = pcfg.unused_options(needs_scores)
     if unused:

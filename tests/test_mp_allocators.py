@@ -145,6 +145,55 @@ def test_each_registry_entry_owns_its_behaviour():
 
 def test_boundary_bits_take_first_last_bits_before_the_policy_default():
     off = MPConfig(policy="official", sensitivity="omega")
-    assert boundary_bits(off, 3) == (4, 4) and boundary_bits(off, 3, 8) == (8, 8)
-    assert boundary_bits(dataclasses.replace(off, suffix_bits=6), 3, 8) == (8, 6)
+    # official: the boundary modules at the high candidate, whatever quant.first_last_bits says
+    assert boundary_bits(off, 3) == (4, 4) and boundary_bits(off, 3, 8) == (4, 4)
+    assert boundary_bits(off, 4, 8) == (6, 6)
+    assert boundary_bits(dataclasses.replace(off, suffix_bits=6), 3, 8) == (4, 6)
     assert boundary_bits(MPConfig(policy="budget"), 3) == (3, 3)
+    assert boundary_bits(MPConfig(policy="budget"), 3, 8) == (8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# the official rule, point by point (the official code's quant/mixed_precision.py and
+# blocks_packing.py)
+# ---------------------------------------------------------------------------------------------
+OFF = MPConfig(policy="official", sensitivity="omega")
+
+
+def test_official_bit_choices_are_the_official_table():
+    from packptq.mp import resolve_candidates
+
+    assert [resolve_candidates(OFF, t) for t in (3, 4, 6)] == [(3, 4), (4, 6), (6, 8)]
+    for t in (2, 5, 7, 8):
+        with pytest.raises(ConfigError, match="bit choices for targets"):
+            resolve_candidates(OFF, t)
+    assert resolve_candidates(dataclasses.replace(OFF, candidates=[2, 3]), 2) == (2, 3)
+
+
+def test_official_budget_counts_activations_and_visits_packs_by_score():
+    # storage elements per pack: weights + per-sample activations; boundary (prefix 10 weights +
+    # 6 activations, suffix 4 + 0) at high = 4 bits; budget (3 + 4) / 2 per element overall
+    sizes, acts = [40, 10, 30], ([20, 50, 10], 6, 0)
+    # elements: packs 60, 60, 40; boundary 20; total 180 -> budget 3.5 * 180 = 630 bits,
+    # packs 630 - 4 * 20 = 550 bits; all at mid: 3 * 160 = 480
+    a = allocate(OFF, 3, sizes, omega=[1.0, 3.0, 2.0], prefix_weights=10, suffix_weights=4, acts=acts)
+    # highest score first: pack 1 (+60 -> 540 fits), pack 2 (+40 -> 580 does not), pack 0
+    # (+60 -> 600 does not): visited in score order, each kept only if it fits
+    assert a.bits == (3, 4, 3)
+    assert (a.prefix_bits, a.suffix_bits) == (4, 4)
+    # the activations change the decision: weights alone (94 elements, packs 273 bits of budget,
+    # 240 at mid) upgrade pack 1 only; 100 activations in pack 0, which stays at mid, raise the
+    # budget to 623 bits of 540 at mid, and pack 2 fits too
+    w_only = allocate(OFF, 3, sizes, omega=[1.0, 3.0, 2.0], prefix_weights=10, suffix_weights=4)
+    assert w_only.bits == (3, 4, 3)
+    with_acts = allocate(OFF, 3, sizes, omega=[1.0, 3.0, 2.0], prefix_weights=10, suffix_weights=4,
+                         acts=([100, 0, 0], 0, 0))
+    assert with_acts.bits == (3, 4, 4)
+
+
+def test_official_skips_a_pack_that_does_not_fit_and_tries_the_next():
+    # pack 0 has the top score but is too large; the smaller pack 1 still gets the upgrade
+    a = allocate(OFF, 3, [100, 10, 10], omega=[5.0, 4.0, 1.0])
+    assert a.bits == (3, 4, 4)
+    # ties: the earlier pack first
+    assert allocate(OFF, 3, [10, 10, 10], omega=[1.0, 1.0, 1.0]).bits == (4, 3, 3)

@@ -99,17 +99,34 @@ def test_budget_run_resumes_from_its_sensitivity_table(tmp_path, trained_tiny, m
 
 @pytest.mark.slow
 def test_official_run_reports_its_achieved_average(tmp_path, trained_tiny, spy):
-    r = pipeline.run(mp_cfg(tmp_path / "run", "mp=official", "packing=block", "recon.iters=0"))
+    r = pipeline.run(mp_cfg(tmp_path / "run", "mp=official", "packing=block", "packing.loss=official",
+                            "recon.iters=0"))
     mp = r["mp"]
     assert mp["policy"] == "official" and mp["candidates"] == [3, 4] and mp["sensitivity"] == "omega"
     assert mp["avg_bits"] == 3.5  # the rule's (mid + high) / 2 budget
     assert mp["achieved_w_bits"] == pytest.approx(r["w_bits_avg"], abs=1e-12)
-    assert r["w_bits_avg"] <= 3.5
-    assert 4 in r["bits"]  # eight one-block packs: some upgrade fits
+    assert (mp["prefix_bits"], mp["suffix_bits"]) == (4, 4)  # the boundary at high, not at 8
+    assert 4 in r["bits"] and 3 in r["bits"]  # eight one-block packs: some upgrades fit, not all
     assert r["w_bits_avg"] > 3.0  # "W3A3 + MP" is not a 3-bit model, and says so
     assert r["omega"] is not None  # omega was scored although block packing needs no scores
+    q = spy["qmodel"]
     for names, w in zip(r["packs"], r["bits"]):
-        assert all(m.wq.bits == w for _, m in layers_under(spy["qmodel"], names))
+        assert all(m.wq.bits == w and m.aq.bits == w for _, m in layers_under(q, names))  # acts follow
+    # the storage the rule budgets: weights plus per-sample activations, at most 3.5 bits each
+    from packptq.quant import act_quantizers, quant_layers
+
+    w = [(m.layer.weight.numel(), m.wq.bits) for _, m in quant_layers(q)]
+    a = [(int(m.elems_per_sample), m.bits) for _, m in act_quantizers(q)]
+    bits = sum(n * b for n, b in w + a)
+    elems = sum(n for n, _ in w + a)
+    assert bits <= 3.5 * elems
+    # and the next upgrade by score would not have fit (the rule is greedy, not loose)
+    assert r["a_bits_avg"] > 3.0
+
+
+def test_official_rule_needs_the_official_score(tmp_path):
+    with pytest.raises(ConfigError, match="set packing.loss=official"):
+        pipeline.run(mp_cfg(tmp_path / "run", "mp=official", "packing=block"))
 
 
 @pytest.mark.parametrize("avg", [1.5, 2.0, 4.5, 9])
@@ -130,7 +147,7 @@ def test_mp_none_rejects_boundary_bits_it_would_ignore(tmp_path):
 # -- the plan ---------------------------------------------------------------------------------
 def test_plan_resolves_boundary_bits_from_first_last_bits():
     p = plan({"policy": "official", "sensitivity": "omega"}, QuantConfig(w_bits=3, a_bits=3))
-    assert (p.prefix_bits, p.suffix_bits, p.candidates, p.target_avg_bits) == (8, 8, (3, 4), 3.5)
+    assert (p.prefix_bits, p.suffix_bits, p.candidates, p.target_avg_bits) == (4, 4, (3, 4), 3.5)
     p = plan({"policy": "official", "sensitivity": "omega"},
                    QuantConfig(w_bits=3, a_bits=3, first_last_bits=None))
     assert (p.prefix_bits, p.suffix_bits) == (4, 4)  # official's default: the high candidate
@@ -159,7 +176,7 @@ def test_plan_types_the_section_once_and_returns_none_for_none():
                       "bits", "a_bits"}
     assert (d["policy"], d["avg_bits"], d["candidates"], d["sensitivity"], d["achieved_w_bits"]) == \
         ("budget", 9.0, [2, 3, 4], "kl", None)
-    with pytest.raises(ConfigError, match="mp.policy=official upgrades packs"):
+    with pytest.raises(ConfigError, match="mp.policy=official has bit choices for targets"):
         plan({"policy": "official", "sensitivity": "omega"}, QuantConfig(w_bits=8, a_bits=8))
 
 

@@ -27,6 +27,22 @@ def weight_count(modules: Iterable[nn.Module]) -> int:
     return sum(int(m.weight.numel()) for m in seen.values())
 
 
+def act_count(modules: Iterable[nn.Module]) -> int:
+    """Activation elements per sample quantized inside ``modules``: ``elems_per_sample`` of every
+    enabled activation quantizer among or below them (the inputs of QuantLayers, both operands
+    of quantized attention matmuls), each counted once; 0 before calibration."""
+    from packptq.quant import ActQuantizer, QuantLayer
+
+    seen = {}
+    for top in modules:
+        for m in top.modules():
+            if isinstance(m, QuantLayer) and not m.act_enabled:
+                seen[id(m.aq)] = None
+            elif isinstance(m, ActQuantizer) and id(m) not in seen:
+                seen[id(m)] = m
+    return sum(int(m.elems_per_sample) for m in seen.values() if m is not None)
+
+
 def weight_counts(split) -> Tuple[List[int], int, int]:
     """(weights per block, prefix weights, suffix weights) of a model split
     (``packptq.zoo.split_model``), quantized or not."""

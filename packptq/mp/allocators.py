@@ -58,6 +58,11 @@ class MPProblem:
     suffix_weights: int
     costs: Optional[np.ndarray]
     omega: Optional[np.ndarray]
+    #: activation elements per sample quantized inside each pack / the prefix / the suffix (the
+    #: official rule counts them in its storage budget); None when not given
+    pack_acts: Optional[Tuple[int, ...]] = None
+    prefix_acts: int = 0
+    suffix_acts: int = 0
 
     @property
     def n_weights(self) -> int:
@@ -170,7 +175,8 @@ def cost_table(cost: CostLike, n_packs: int, candidates: Sequence[int]) -> np.nd
 
 def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
                  cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
-                 prefix_weights: int = 0, suffix_weights: int = 0) -> MPProblem:
+                 prefix_weights: int = 0, suffix_weights: int = 0,
+                 acts: Optional[Tuple[Sequence[int], int, int]] = None) -> MPProblem:
     """Validate the inputs of ``allocate`` and resolve defaults. See ``allocate``."""
     allocator = cfg.allocator
     candidates = resolve_candidates(cfg, target_bits)
@@ -201,13 +207,20 @@ def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
         raise ValueError(f"mp.policy={cfg.policy} with mp.sensitivity={cfg.sensitivity} needs {need}")
     if allocator.needs_omega(cfg) and om is None:
         raise ValueError(f"mp.policy={cfg.policy} needs omega (one score per pack)")
+    pack_acts, prefix_acts, suffix_acts = (None, 0, 0) if acts is None else acts
+    if pack_acts is not None:
+        pack_acts = tuple(int(a) for a in pack_acts)
+        if len(pack_acts) != n or min(pack_acts + (int(prefix_acts), int(suffix_acts))) < 0:
+            raise ValueError(f"acts must give {n} pack counts and prefix/suffix counts >= 0")
     return MPProblem(cfg, target_bits, candidates, sizes_t, prefix_bits, suffix_bits,
-                     int(prefix_weights), int(suffix_weights), table, om)
+                     int(prefix_weights), int(suffix_weights), table, om, pack_acts, int(prefix_acts),
+                     int(suffix_acts))
 
 
 def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
              cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
-             prefix_weights: int = 0, suffix_weights: int = 0) -> Allocation:
+             prefix_weights: int = 0, suffix_weights: int = 0,
+             acts: Optional[Tuple[Sequence[int], int, int]] = None) -> Allocation:
     """Choose weight bits per pack with the registered allocator of ``cfg.policy``.
 
     target_bits: the target weight bits (quant.w_bits), 2..8.
@@ -217,11 +230,13 @@ def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
     omega: [n_packs] ranking scores; required by ``official`` and by ``budget`` with
       ``sensitivity=omega``.
     prefix_weights / suffix_weights: weights outside the packs, at ``boundary_bits(cfg, ...)``.
+    acts: (per-pack, prefix, suffix) activation elements per sample, for rules that count
+      activations in their budget (``official``).
 
     Raises ConfigError for a budget outside ``feasible_range`` (before any solving) and
     ValueError for malformed inputs."""
     problem = make_problem(cfg, target_bits, sizes, cost=cost, omega=omega,
-                           prefix_weights=prefix_weights, suffix_weights=suffix_weights)
+                           prefix_weights=prefix_weights, suffix_weights=suffix_weights, acts=acts)
     return cfg.allocator.allocate(problem)
 
 
@@ -339,19 +354,34 @@ class BudgetAllocator(Allocator):
         return _finalize(p, [p.candidates[i] for i in sol.choice], avg, cap, sol.solver)
 
 
+#: the official code's bit choices per target: (low, mid, high); the rule uses mid and high
+OFFICIAL_CHOICES = {3: (2, 3, 4), 4: (3, 4, 6), 6: (4, 6, 8)}
+
+
 @_register
 class OfficialAllocator(Allocator):
-    """The official Pack-PTQ rule: packs start at mid; in decreasing omega order (ties: earlier
-    pack first) each pack is upgraded to high if the average over all quantized weights then
-    stays <= (mid + high) / 2, otherwise it is skipped and the next one is tried. Candidates are
-    exactly (mid, high), by default (target, target+1); prefix/suffix default to high and count
-    against the budget.
+    """The official Pack-PTQ rule (its ``mixed_precision.py``), point by point:
 
-    Deviation from the official code, on purpose: it counts activation elements in its storage
-    budget too; here the budget is over weights only, as the reported average is."""
+    1. candidates (mid, high) from its table {3: (3, 4), 4: (4, 6), 6: (6, 8)} for a target of
+       3, 4 or 6 bits (others need ``mp.candidates=[mid, high]``);
+    2. modules outside the packs (prefix, suffix) at high, weights and activations, whatever
+       ``quant.first_last_bits`` says;
+    3. a pack's score is the mean omega of its blocks, omega from the official block score
+       (``packing.loss=official``);
+    4. storage counts weights plus per-sample input activations of every quantized module;
+       the budget is (mid + high) / 2 times the whole model's storage elements, less the
+       prefix and suffix at high;
+    5. every pack starts at mid; packs are visited from the highest score down (ties: earlier
+       pack first) and each is raised to high when the packs' storage still fits the budget,
+       else left at mid and the next one is tried;
+    6. a pack's activations take its bits (``mp.acts=follow``).
+    Without activation counts (``acts`` not given) storage is weights alone."""
 
     name = "official"
     sensitivity = "omega"
+    pack_omega = "mean"
+    score_loss = "official"
+    boundary_from_quant = False
 
     def validate(self, cfg: MPConfig) -> None:
         super().validate(cfg)
@@ -362,12 +392,12 @@ class OfficialAllocator(Allocator):
             )
 
     def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
-        if target_bits + 1 > MAX_BITS:
+        if target_bits not in OFFICIAL_CHOICES:
             raise ConfigError(
-                f"mp.policy=official upgrades packs to target+1 = {target_bits + 1} bits, above "
-                f"{MAX_BITS}; give mp.candidates=[mid, high] explicitly"
+                f"mp.policy=official has bit choices for targets {sorted(OFFICIAL_CHOICES)} only "
+                f"(quant.w_bits={target_bits}); give mp.candidates=[mid, high] explicitly"
             )
-        return (target_bits, target_bits + 1)
+        return OFFICIAL_CHOICES[target_bits][1:]
 
     def default_boundary_bits(self, candidates: Tuple[int, ...], target_bits: int) -> int:
         return candidates[-1]
@@ -381,12 +411,17 @@ class OfficialAllocator(Allocator):
 
     def allocate(self, p: MPProblem) -> Allocation:
         mid, high = p.candidates
+        acts = p.pack_acts or (0,) * len(p.sizes)
+        elems = [s + a for s, a in zip(p.sizes, acts)]
+        boundary = (p.prefix_weights + p.prefix_acts, p.suffix_weights + p.suffix_acts)
+        total = sum(elems) + sum(boundary)
+        # twice the budget, so that (mid + high) / 2 stays an integer comparison
+        limit2 = (mid + high) * total - 2 * (p.prefix_bits * boundary[0] + p.suffix_bits * boundary[1])
         bits = [mid] * len(p.sizes)
-        used = p.fixed_bits + mid * sum(p.sizes)
-        limit2 = (mid + high) * p.n_weights  # compare 2 * used <= limit2: no rounding
+        used = mid * sum(elems)
         for j in sorted(range(len(p.sizes)), key=lambda i: (-p.omega[i], i)):
-            step = (high - mid) * p.sizes[j]
+            step = (high - mid) * elems[j]
             if 2 * (used + step) <= limit2:
                 bits[j] = high
                 used += step
-        return _finalize(p, bits, (mid + high) / 2, limit2 // 2)
+        return _finalize(p, bits, (mid + high) / 2, (mid + high) * total // 2)

@@ -45,6 +45,12 @@ class Allocator:
       quant config's bits and no mixed-precision plan is made)."""
 
     name: str = ""
+    #: how a pack's omega comes from its blocks' omega_b: "sum" or "mean"
+    pack_omega: str = "sum"
+    #: the block score (packing.loss) whose omega the rule reads, when it insists on one
+    score_loss: Optional[str] = None
+    #: whether quant.first_last_bits sets the prefix/suffix bits (else the policy's default does)
+    boundary_from_quant: bool = True
     reads_avg_bits: bool = False
     takes_candidates: bool = True
     sensitivity: Optional[str] = None
@@ -172,9 +178,9 @@ def resolve_candidates(cfg: MPConfig, target_bits: int) -> Tuple[int, ...]:
 def boundary_bits(cfg: MPConfig, target_bits: int,
                   first_last_bits: Optional[int] = None) -> Tuple[int, int]:
     """(prefix_bits, suffix_bits): ``mp.prefix_bits``/``suffix_bits`` when set, else
-    ``first_last_bits`` (``quant.first_last_bits``) when given, else the policy's default (the
-    high candidate for ``official``, the target otherwise)."""
-    if first_last_bits is not None:
+    ``first_last_bits`` (``quant.first_last_bits``) when given and the policy takes it, else the
+    policy's default (the high candidate for ``official``, the target otherwise)."""
+    if first_last_bits is not None and cfg.allocator.boundary_from_quant:
         default = int(first_last_bits)
     else:
         default = cfg.allocator.default_boundary_bits(resolve_candidates(cfg, target_bits), target_bits)

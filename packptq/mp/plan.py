@@ -34,7 +34,7 @@ from torch import nn
 
 from packptq.config import ConfigError, typed
 from packptq.mp import sensitivity
-from packptq.mp.accounting import act_bits, bits_json, weight_count, weight_counts
+from packptq.mp.accounting import act_bits, act_count, bits_json, weight_count, weight_counts
 from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs
 from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, boundary_bits,
                                resolve_candidates)
@@ -73,6 +73,14 @@ class MixedPrecision:
         self.allocation: Optional[Allocation] = None
         self.act_bits: Optional[List[int]] = None
         self.feasible: Optional[Tuple[float, float]] = None
+
+    def check_score_loss(self, loss: str) -> None:
+        """ConfigError when the rule insists on the omega of another block score than ``loss``
+        (``packing.loss``), before any compute."""
+        want = self.allocator.score_loss
+        if want is not None and loss != want:
+            raise ConfigError(f"mp.policy={self.cfg.policy} ranks packs by the omega of the {want} block score; "
+                              f"set packing.loss={want}")
 
     @property
     def needs_omega(self) -> bool:
@@ -123,7 +131,12 @@ class MixedPrecision:
         suf_w = weight_count([layers(n) for n in twins.suffix_layers])
         omega = None
         if scores is not None and scores.get("omega") is not None:
-            omega = [float(sum(scores["omega"][b] for b in p)) for p in groups]
+            reduce = (lambda v: sum(v) / len(v)) if self.allocator.pack_omega == "mean" else sum
+            omega = [float(reduce([scores["omega"][b] for b in p])) for p in groups]
+        q_blocks = [m for _, m in qsplit.blocks]
+        acts = ([act_count([q_blocks[b] for b in p]) for p in groups],
+                act_count([layers(n) for n in twins.prefix_layers]),
+                act_count([layers(n) for n in twins.suffix_layers]))
         source = self.allocator.cost_source(self.cfg)
         cost = None
         if source == "kl":
@@ -136,9 +149,8 @@ class MixedPrecision:
         if cost is not None:  # allocate reads cost[pack][bits]
             cost = [dict(zip(self.candidates, map(float, row))) for row in cost]
         alloc = allocate(self.cfg, self.w_bits, sizes, cost=cost, omega=omega,
-                         prefix_weights=pre_w, suffix_weights=suf_w)
+                         prefix_weights=pre_w, suffix_weights=suf_w, acts=acts)
         acts = act_bits(self.cfg, self.w_bits, self.a_bits, alloc.bits)
-        q_blocks = [m for _, m in qsplit.blocks]
         for p, w in zip(groups, alloc.bits):
             sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
         for layer_names, w in ((twins.prefix_layers, alloc.prefix_bits), (twins.suffix_layers, alloc.suffix_bits)):
