@@ -65,10 +65,13 @@ def agreement(preds: torch.Tensor, fp_preds: torch.Tensor) -> float:
     return float((preds == fp_preds).float().mean()) * 100.0
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, fp_preds: torch.Tensor, num_classes: int) -> dict:
-    """{"top1", "agreement"} of ``model`` on ``loader`` (percent)."""
+def evaluate(model: nn.Module, loader, device: torch.device, fp_preds: torch.Tensor, num_classes: int,
+             val_loader=None) -> dict:
+    """{"top1", "agreement", "val_top1"} of ``model`` (percent): top-1 and agreement with the FP
+    predictions on ``loader`` (the test split), top-1 on ``val_loader`` (None without one)."""
     preds, labels = predict(model, loader, device)
-    return {"top1": top1(preds, labels, num_classes), "agreement": agreement(preds, fp_preds)}
+    return {"top1": top1(preds, labels, num_classes), "agreement": agreement(preds, fp_preds),
+            "val_top1": None if val_loader is None else top1(*predict(model, val_loader, device), num_classes)}
 
 
 def print_table(r: dict) -> None:
@@ -81,6 +84,9 @@ def print_table(r: dict) -> None:
         ("FP top-1", f"{r['fp_top1']:.2f}%"),
         ("RTN top-1 (init only)", f"{r['rtn_top1']:.2f}%"),
         ("quantized top-1", f"{r['quant_top1']:.2f}%  (agreement with FP {r['agreement']:.1f}%)"),
+    ] + ([("validation top-1", f"FP {r['fp_val_top1']:.2f}%, RTN {r['rtn_val_top1']:.2f}%, quantized "
+                               f"{r['val_top1']:.2f}% ({r['val_size']} training samples)")]
+         if r.get("val_top1") is not None else []) + [
         ("avg weight / act bits", f"{r['w_bits_avg']:.3f} / {r['a_bits_avg'] if r['a_bits_avg'] is None else round(r['a_bits_avg'], 3)}"),
         ("size", f"{r['size_bytes'] / 1024:.1f} KiB"),
     ] + [(f"time {k}", f"{v:.1f} s") for k, v in r["time_s"].items()]

@@ -54,6 +54,7 @@ def fp_cache_key(model_cfg, data_cfg) -> str:
     desc["data"].pop("calib_size", None)
     desc["data"].pop("calib_seed", None)  # calibration choice does not change the FP model
     desc["data"].pop("num_workers", None)
+    desc["data"].pop("val_size", None)  # held out of calibration only; FP training sees the whole split
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{model_cfg.name}-{data_cfg.name}-{h}"
 

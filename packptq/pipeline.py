@@ -55,10 +55,12 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     bs = dm.cfg.batch_size  # every forward pass over a tensor set
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
 
+    num_classes = dm.meta()["num_classes"]
     with timer.phase("fp"):
         model = fp.build(mcfg, dm)
         dm.setup()
         x_cal, y_cal = dm.calib_tensors()
+        val_loader = dm.val_dataloader() if dm.cfg.val_size else None  # choices are made on it, never on test
         split = fp.split(model, mcfg, x_cal[:2])
         if mp_plan is not None:  # an impossible bit budget stops here, before FP training
             mp_plan.check_feasible(model, split)
@@ -68,7 +70,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
 
         def fp_eval() -> dict:
             preds, labels = predict(model, dm.test_dataloader(), device)
-            return {"fp_top1": top1(preds, labels, dm.meta()["num_classes"]), "preds": preds.tolist()}
+            val = None if val_loader is None else top1(*predict(model, val_loader, device), num_classes)
+            return {"fp_top1": top1(preds, labels, num_classes), "fp_val_top1": val, "preds": preds.tolist()}
 
         fp_res = rd.cached_json("fp.json", fp_eval)
         fp_top1, fp_preds = fp_res["fp_top1"], torch.tensor(fp_res["preds"])
@@ -76,12 +79,11 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     print(f"[packptq] {mcfg.name} on {dm.cfg.name}: FP top-1 {fp_top1:.2f}%  "
           f"({'resuming ' if resumed else ''}run dir {rd.path})")
 
-    num_classes = dm.meta()["num_classes"]
     with timer.phase("calibrate"):
         twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device)
         del model, split  # the unfolded FP network: the twins are what the phases below use
         rtn = rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
-                                                          fp_preds, num_classes))
+                                                          fp_preds, num_classes, val_loader))
     print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
 
     scores = None
@@ -119,7 +121,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         unit_losses = ReconSequence(twins, units, rcfg, rd, seed, bs, trainer_kw, logger, progress).run(x_cal)
 
     with timer.phase("eval"):
-        final = evaluate(twins.qmodel, dm.test_dataloader(), device, fp_preds, num_classes)
+        final = evaluate(twins.qmodel, dm.test_dataloader(), device, fp_preds, num_classes, val_loader)
     results = {
         "model": mcfg.name, "data": dm.cfg.name, "seed": seed,
         "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
@@ -128,6 +130,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "mp": mp_plan.describe() if mp_plan is not None else {"policy": "none"},
         "fp_top1": fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
         "rtn_agreement": rtn["agreement"],
+        "val_size": dm.cfg.val_size, "fp_val_top1": fp_res.get("fp_val_top1"), "rtn_val_top1": rtn.get("val_top1"),
+        "val_top1": final["val_top1"],
         **acct,
         "units": [u.names for u in units], "unit_keys": [u.key for u in units],
         "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
@@ -137,7 +141,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
     }
     rd.write_json("results.json", results)
-    log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"],
+    log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"], "eval/val_top1": final["val_top1"],
                          "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
                          "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"]})
     print_table(results)

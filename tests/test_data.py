@@ -438,3 +438,33 @@ def test_digits_calibration_shapes():
     assert d.meta() == {"num_classes": 10, "in_chans": 1, "img_size": 16}
     x, y = d.calib_tensors()
     assert x.shape == (16, 1, 16, 16) and y.shape == (16,) and len(d.test_set) == 500
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation split (data.val_size)
+# ---------------------------------------------------------------------------------------------
+def test_validation_split_is_held_out_of_calibration_and_fixed_over_run_seeds():
+    def dm(**kw):
+        m = build_datamodule({"name": "digits", "calib_size": 64, **kw})
+        m.setup()
+        return m
+
+    plain = dm()
+    # no validation split: calibration is the same draw as it is for configs without the key
+    g = torch.Generator().manual_seed(0)
+    assert plain.calib_indices().tolist() == torch.randperm(len(plain.train_set), generator=g)[:64].tolist()
+    assert len(plain.val_indices()) == 0
+    runs = [dm(val_size=100, calib_seed=s) for s in (0, 1, 2)]
+    vals = [set(r.val_indices().tolist()) for r in runs]
+    assert all(len(v) == 100 for v in vals) and vals[0] == vals[1] == vals[2]  # the split seed's, not the run's
+    for r, v in zip(runs, vals):
+        cal = set(r.calib_indices().tolist())
+        assert len(cal) == 64 and not cal & v  # never calibrated on
+        xs = torch.stack([torch.as_tensor(r.train_set[i][0]) for i in r.val_indices().tolist()])
+        assert torch.equal(torch.cat([x for x, _ in r.val_dataloader()]), xs)  # the loader serves exactly them
+    assert runs[0].fingerprint() != plain.fingerprint()
+    assert set(runs[0].calib_indices().tolist()) != set(runs[1].calib_indices().tolist())
+    with pytest.raises(ConfigError, match="val_size"):
+        build_datamodule({"name": "digits", "val_size": -1})
+    with pytest.raises(ConfigError, match="data.val_size=2000 is larger than the training split"):
+        dm(val_size=2000)

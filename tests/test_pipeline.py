@@ -447,3 +447,37 @@ def test_iters_per_block_gives_a_pack_the_steps_of_its_blocks(trained_tiny, tmp_
     assert len(res["units"]) == len(steps)
     with pytest.raises(ConfigError, match="recon.iters_per=pack"):
         pipeline.run(tiny_cfg(tmp_path / "bad", "recon.iters_per=pack"))
+
+
+@pytest.mark.slow
+def test_validation_split_is_evaluated_and_is_the_sweep_objective(trained_tiny, tmp_path):
+    """With data.val_size the run reports FP, RTN and final top-1 on the held-out training
+    samples beside the test split; the Hydra job returns the validation top-1 (what a tuning
+    sweeper maximises), and the FP model is the one trained without the key."""
+    res = pipeline.run(tiny_cfg(tmp_path, "packing=block", "quant=w3a3", "data.val_size=200", "recon.iters=10"))
+    assert res["val_size"] == 200
+    for k in ("fp_val_top1", "rtn_val_top1", "val_top1"):
+        assert 10.0 < res[k] <= 100.0, k
+    assert res["fp_val_top1"] > res["rtn_val_top1"]  # W3A3 RTN loses on validation as on test
+    plain = json.loads(json.dumps(pipeline.run(tiny_cfg(tmp_path / "plain", "packing=none"))))
+    assert plain["val_top1"] is None and plain["fp_val_top1"] is None
+    assert plain["fp_top1"] == res["fp_top1"]  # same FP model: the split only changes calibration
+
+
+@pytest.mark.slow
+def test_tuning_sweep_chooses_on_validation_top1(trained_tiny, tmp_path):
+    """experiment=tune_recon: Optuna trials whose objective is each job's validation top-1; the
+    best value it reports is the best trial's val_top1 in results.json."""
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(tmp_path) if not a.startswith(("run_dir=", "logger="))]
+    cmd = [sys.executable, "-m", "packptq", "experiment=tune_recon", *args, "recon.iters=3", "data.val_size=100",
+           "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}", "threads=1"]
+    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    vals = [json.loads(r.read_text()) for r in sweep.glob("*/results.json")]
+    assert len(vals) == 2 and all(r["val_size"] == 100 for r in vals)
+    assert best["best_value"] == max(r["val_top1"] for r in vals)
+    assert set(best["best_params"]) == {"recon.w_lr", "recon.reg_lambda", "recon.drop_prob"}

@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from packptq.config import ConfigError
 from packptq.registry import Registry
@@ -33,10 +33,15 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0  # split seed (and calibration seed when calib_seed is null)
     calib_seed: Optional[int] = None  # which training samples calibrate; the configs use ${seed}
+    # training samples held out as the validation split (hyper-parameters are chosen on it): drawn
+    # with the split seed, never calibrated on; 0 = no validation split
+    val_size: int = 0
 
     def __post_init__(self) -> None:
         if self.calib_size < 1:
             raise ConfigError(f"data.calib_size must be >= 1, got {self.calib_size}")
+        if self.val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0, got {self.val_size}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
 
@@ -72,16 +77,33 @@ class BaseDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.train_set, self.test_set = self._load()
-            if self.cfg.calib_size > len(self.train_set):
+            if self.cfg.calib_size + self.cfg.val_size > len(self.train_set):
                 raise ConfigError(
-                    f"data.calib_size={self.cfg.calib_size} is larger than the training split "
-                    f"({len(self.train_set)} samples); lower data.calib_size"
+                    f"data.calib_size={self.cfg.calib_size}" + (f" + data.val_size={self.cfg.val_size}"
+                                                                if self.cfg.val_size else "")
+                    + f" is larger than the training split ({len(self.train_set)} samples); lower it"
                 )
 
+    def val_indices(self) -> torch.Tensor:
+        """Training-split indices of the validation split (``data.val_size`` of them, drawn with
+        the split seed: the same for every run seed)."""
+        self.setup()
+        if not self.cfg.val_size:
+            return torch.zeros(0, dtype=torch.long)
+        g = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        return torch.randperm(len(self.train_set), generator=g)[: self.cfg.val_size]
+
     def calib_indices(self) -> torch.Tensor:
+        """Training-split indices of the calibration set, drawn with the calibration seed from
+        the samples outside the validation split."""
         self.setup()
         g = torch.Generator().manual_seed(self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed)
-        return torch.randperm(len(self.train_set), generator=g)[: self.cfg.calib_size]
+        perm = torch.randperm(len(self.train_set), generator=g)
+        if self.cfg.val_size:
+            held = torch.zeros(len(self.train_set), dtype=torch.bool)
+            held[self.val_indices()] = True
+            perm = perm[~held[perm]]
+        return perm[: self.cfg.calib_size]
 
     def calib_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the calibration set, stacked: x [n, *input_size], y [n] int64."""
@@ -107,7 +129,9 @@ class BaseDataModule(L.LightningDataModule):
         """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
         chosen indices and ``source_desc()``; 16 hex characters."""
         desc = {
-            "cfg": {k: v for k, v in asdict(self.cfg).items() if k not in RUNTIME_KEYS},
+            # no validation split leaves the fingerprint of configs without the key unchanged
+            "cfg": {k: v for k, v in asdict(self.cfg).items()
+                    if k not in RUNTIME_KEYS and not (k == "val_size" and not v)},
             "transform": self.transform_desc,
             "calib_idx": self.calib_indices().tolist(),
             "source": self.source_desc(),
@@ -126,7 +150,9 @@ class BaseDataModule(L.LightningDataModule):
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The validation split (``data.val_size`` training samples; empty when 0)."""
+        self.setup()
+        return self._loader(Subset(self.train_set, self.val_indices().tolist()), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
