@@ -150,7 +150,11 @@ def sweep_values(params) -> list:
     parser = OverridesParser.create()
     for key, spec in (params or {}).items():
         (ov,) = parser.parse_overrides([f"{key}={spec}"])
-        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        if ov.value_type is not None and ov.value_type.name == "INTERVAL_SWEEP":  # a tuning range: its ends
+            iv = ov.value()
+            values = [str(iv.start), str(iv.end)]
+        else:
+            values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
         out += [f"{key}={v}" for v in (values[:1] if key == "seed" else values)]  # seeds compose alike
     return out
 
