@@ -58,6 +58,12 @@ def test_budget_run_meets_the_budget_and_bits_json_matches_the_model(tmp_path, t
     assert r["w_bits_avg"] <= 3.0
     assert r["mp"]["achieved_w_bits"] == pytest.approx(r["w_bits_avg"], abs=1e-12)
     assert r["mp"]["avg_bits"] == 3.0 and r["mp"]["policy"] == "budget"
+    # activations follow the weights and are held to their own average (quant.a_bits = 3) too:
+    # equal weight and activation averages to a uniform W3A3 model's, first/last layer aside
+    assert r["mp"]["a_avg_bits"] == 3.0
+    assert r["mp"]["achieved_a_bits"] == pytest.approx(r["a_bits_avg"], abs=1e-12)
+    uniform = pipeline.run(mp_cfg(tmp_path / "uniform", "packing=none"))
+    assert r["a_bits_avg"] <= uniform["a_bits_avg"] + 1e-12 and r["w_bits_avg"] <= uniform["w_bits_avg"] + 1e-12
     assert r["n_weights"] == sum(m.layer.weight.numel() for _, m in quant_layers(qmodel))
 
     packs, alloc, acts = load_bits_json(RunDir(run_dir).read_json("bits.json"))
@@ -171,7 +177,8 @@ def test_plan_types_the_section_once_and_returns_none_for_none():
     assert isinstance(p, MixedPrecision) and p.cfg.avg_bits == 9.0 and p.target_avg_bits == 9.0
     assert (p.cfg.prefix_bits, p.cfg.suffix_bits) == (8, 8)  # pinned to what the allocation uses
     d = p.describe()
-    assert set(d) == {"policy", "avg_bits", "target_w_bits", "target_a_bits", "achieved_w_bits", "candidates",
+    assert set(d) == {"policy", "avg_bits", "target_w_bits", "target_a_bits", "achieved_w_bits", "a_avg_bits",
+                      "achieved_a_bits", "candidates",
                       "sensitivity", "acts", "solver", "prefix_bits", "suffix_bits", "feasible_range", "cost",
                       "bits", "a_bits"}
     assert (d["policy"], d["avg_bits"], d["candidates"], d["sensitivity"], d["achieved_w_bits"]) == \

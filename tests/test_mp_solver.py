@@ -176,3 +176,27 @@ def test_budget_reads_avg_bits_as_written():
     a = allocate(budget_cfg(avg_bits=3.1, candidates=[3, 4]), 3, [1] * 10,
                  cost=[{3: 1.0, 4: 0.0}] * 10)
     assert a.total_bits == 31 and a.bits == (3,) * 9 + (4,)
+
+
+def test_two_budgets_equal_brute_force():
+    """Weights and activations each under a budget: the MILP answer is the brute-force optimum."""
+    import itertools
+
+    from packptq.mp.solver import solve_mckp_multi
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n, cand = int(rng.integers(2, 6)), [2, 3, 4]
+        w = rng.integers(1, 50, n)
+        a = rng.integers(1, 50, n)
+        costs = rng.random((n, 3)) * np.array([4.0, 2.0, 1.0])
+        w_use = np.outer(w, cand)
+        a_use = np.outer(a, cand)
+        caps = [int(3 * w.sum()), int(3 * a.sum())]
+        best = min((sum(costs[j, k] for j, k in enumerate(ch)), ch) for ch in itertools.product(range(3), repeat=n)
+                   if sum(w_use[j, k] for j, k in enumerate(ch)) <= caps[0]
+                   and sum(a_use[j, k] for j, k in enumerate(ch)) <= caps[1])
+        sol = solve_mckp_multi(costs, [w_use, a_use], caps)
+        assert sol.cost == pytest.approx(best[0], rel=1e-9)
+        assert sum(w_use[j, k] for j, k in enumerate(sol.choice)) <= caps[0]
+        assert sum(a_use[j, k] for j, k in enumerate(sol.choice)) <= caps[1]

@@ -30,7 +30,7 @@ import numpy as np
 from packptq.config import ConfigError
 from packptq.mp.config import (ALLOCATORS, MAX_BITS, MIN_BITS, Allocator, MPConfig, boundary_bits,
                                resolve_candidates)
-from packptq.mp.solver import _chain_cost, budget_bits, solve_mckp
+from packptq.mp.solver import _chain_cost, budget_bits, solve_mckp, solve_mckp_multi
 
 #: cost(j, bits) -> float, or a table indexed as table[j][bits] (rows may be dicts keyed by bits,
 #: or sequences indexed by the bit value itself, e.g. a [n_packs, 9] array).
@@ -63,6 +63,18 @@ class MPProblem:
     pack_acts: Optional[Tuple[int, ...]] = None
     prefix_acts: int = 0
     suffix_acts: int = 0
+    #: the target activation bits (quant.a_bits), when the activation accounting is known
+    a_target: Optional[int] = None
+
+    def act_bits_of(self, w_bits: int) -> int:
+        """Activation bits that go with weight bits ``w_bits`` under ``mp.acts``."""
+        from packptq.mp.accounting import act_bits
+
+        return act_bits(self.cfg, self.target_bits, self.a_target, [w_bits])[0]
+
+    @property
+    def n_acts(self) -> int:
+        return sum(self.pack_acts or ()) + self.prefix_acts + self.suffix_acts
 
     @property
     def n_weights(self) -> int:
@@ -100,6 +112,9 @@ class Allocation:
     budget_bits: Optional[int]
     cost: Optional[float]
     solver: Optional[str] = None
+    #: bits per activation element achieved / allowed, when activations are accounted
+    a_avg_bits: Optional[float] = None
+    a_budget_avg_bits: Optional[float] = None
 
     @property
     def n_weights(self) -> int:
@@ -127,8 +142,14 @@ class Allocation:
 
 
 def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
-              budget_bits: Optional[int], solver: Optional[str] = None) -> Allocation:
+              budget_bits: Optional[int], solver: Optional[str] = None,
+              a_budget: Optional[float] = None) -> Allocation:
     bits = tuple(int(b) for b in bits)
+    a_avg = None
+    if p.pack_acts is not None and p.a_target is not None and p.n_acts:
+        a_total = (sum(a * p.act_bits_of(b) for a, b in zip(p.pack_acts, bits))
+                   + p.prefix_acts * p.act_bits_of(p.prefix_bits) + p.suffix_acts * p.act_bits_of(p.suffix_bits))
+        a_avg = a_total / p.n_acts
     total = p.fixed_bits + sum(s * b for s, b in zip(p.sizes, bits))
     cost = None
     if p.costs is not None:
@@ -139,7 +160,7 @@ def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
         sizes=p.sizes, prefix_bits=p.prefix_bits, suffix_bits=p.suffix_bits,
         prefix_weights=p.prefix_weights, suffix_weights=p.suffix_weights, total_bits=total,
         avg_bits=total / p.n_weights, budget_avg_bits=budget_avg, budget_bits=budget_bits,
-        cost=cost, solver=solver,
+        cost=cost, solver=solver, a_avg_bits=a_avg, a_budget_avg_bits=a_budget,
     )
 
 
@@ -176,7 +197,7 @@ def cost_table(cost: CostLike, n_packs: int, candidates: Sequence[int]) -> np.nd
 def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
                  cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
                  prefix_weights: int = 0, suffix_weights: int = 0,
-                 acts: Optional[Tuple[Sequence[int], int, int]] = None) -> MPProblem:
+                 acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None) -> MPProblem:
     """Validate the inputs of ``allocate`` and resolve defaults. See ``allocate``."""
     allocator = cfg.allocator
     candidates = resolve_candidates(cfg, target_bits)
@@ -214,13 +235,13 @@ def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
             raise ValueError(f"acts must give {n} pack counts and prefix/suffix counts >= 0")
     return MPProblem(cfg, target_bits, candidates, sizes_t, prefix_bits, suffix_bits,
                      int(prefix_weights), int(suffix_weights), table, om, pack_acts, int(prefix_acts),
-                     int(suffix_acts))
+                     int(suffix_acts), a_target)
 
 
 def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
              cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
              prefix_weights: int = 0, suffix_weights: int = 0,
-             acts: Optional[Tuple[Sequence[int], int, int]] = None) -> Allocation:
+             acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None) -> Allocation:
     """Choose weight bits per pack with the registered allocator of ``cfg.policy``.
 
     target_bits: the target weight bits (quant.w_bits), 2..8.
@@ -231,12 +252,15 @@ def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
       ``sensitivity=omega``.
     prefix_weights / suffix_weights: weights outside the packs, at ``boundary_bits(cfg, ...)``.
     acts: (per-pack, prefix, suffix) activation elements per sample, for rules that count
-      activations in their budget (``official``).
+      activations in their budget (``official``; ``budget`` with ``mp.acts=follow`` and
+      ``a_target``, which then holds the activation average to ``mp.a_avg_bits`` too).
+    a_target: the target activation bits (quant.a_bits).
 
     Raises ConfigError for a budget outside ``feasible_range`` (before any solving) and
     ValueError for malformed inputs."""
     problem = make_problem(cfg, target_bits, sizes, cost=cost, omega=omega,
-                           prefix_weights=prefix_weights, suffix_weights=suffix_weights, acts=acts)
+                           prefix_weights=prefix_weights, suffix_weights=suffix_weights, acts=acts,
+                           a_target=a_target)
     return cfg.allocator.allocate(problem)
 
 
@@ -350,8 +374,28 @@ class BudgetAllocator(Allocator):
         check_feasible(p.cfg, p.target_bits, p.sizes, p.prefix_weights, p.suffix_weights)
         avg = self.budget_avg_bits(p.cfg, p.candidates, p.target_bits)
         cap = budget_bits(avg, p.n_weights)
+        if p.cfg.acts == "follow" and p.pack_acts is not None and p.a_target is not None and p.n_acts:
+            return self._weights_and_acts(p, avg, cap)
         sol = solve_mckp(p.sizes, p.candidates, p.costs, cap - p.fixed_bits)
         return _finalize(p, [p.candidates[i] for i in sol.choice], avg, cap, sol.solver)
+
+    def _weights_and_acts(self, p: MPProblem, avg: float, cap: int) -> Allocation:
+        """Activations follow the weights: hold the weight average to ``avg`` and the activation
+        average (elements per sample) to ``mp.a_avg_bits``, each exactly (two knapsack rows)."""
+        a_avg = float(p.cfg.a_avg_bits) if p.cfg.a_avg_bits is not None else float(p.a_target)
+        a_bits = [p.act_bits_of(b) for b in p.candidates]
+        a_fixed = p.prefix_acts * p.act_bits_of(p.prefix_bits) + p.suffix_acts * p.act_bits_of(p.suffix_bits)
+        a_cap = budget_bits(a_avg, p.n_acts)
+        w_use = np.array([[s * b for b in p.candidates] for s in p.sizes])
+        a_use = np.array([[a * ab for ab in a_bits] for a in p.pack_acts])
+        try:
+            sol = solve_mckp_multi(p.costs, [w_use, a_use], [cap - p.fixed_bits, a_cap - a_fixed])
+        except ValueError:
+            lo = (a_fixed + int(a_use.min(axis=1).sum())) / p.n_acts
+            raise ConfigError(f"mp.a_avg_bits={a_avg:g} cannot be met together with mp.avg_bits={avg:g}: the "
+                              f"activation average reaches at least {lo:.4f} bits with candidates "
+                              f"{list(p.candidates)}") from None
+        return _finalize(p, [p.candidates[i] for i in sol.choice], avg, cap, sol.solver, a_budget=a_avg)
 
 
 #: the official code's bit choices per target: (low, mid, high); the rule uses mid and high

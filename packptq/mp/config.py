@@ -121,6 +121,9 @@ class MPConfig:
       ranks by omega and requires ``omega``.
     acts: ``follow`` (a pack's activation bits move with its weight bits, see ``act_bits``) or
       ``fixed`` (activations stay at the target activation bits).
+    a_avg_bits: with ``budget`` and ``acts=follow``, the budget in bits per activation element
+      (per sample, over every quantized activation); null = the target activation bits. The
+      allocation then holds weights and activations each to its average.
     prefix_bits / suffix_bits: weight bits of the prefix (stem) and suffix (head); null =
       ``quant.first_last_bits`` when the pipeline has one, else the target (``none``,
       ``budget``) or the high candidate (``official``); see ``boundary_bits``.
@@ -133,6 +136,7 @@ class MPConfig:
     acts: str = "follow"
     prefix_bits: Optional[int] = None
     suffix_bits: Optional[int] = None
+    a_avg_bits: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.policy not in ALLOCATORS:
@@ -145,6 +149,11 @@ class MPConfig:
             )
         if self.acts not in ACT_MODES:
             raise ConfigError(f"mp.acts='{self.acts}' is unknown; known: {', '.join(ACT_MODES)}")
+        if self.a_avg_bits is not None and not (self.policy == "budget" and self.acts == "follow"):
+            raise ConfigError("mp.a_avg_bits is only used by mp.policy=budget with mp.acts=follow; "
+                              "set mp.a_avg_bits=null")
+        if self.a_avg_bits is not None and not math.isfinite(self.a_avg_bits):
+            raise ConfigError(f"mp.a_avg_bits must be a finite number or null, got {self.a_avg_bits}")
         if self.avg_bits is not None and not math.isfinite(self.avg_bits):
             raise ConfigError(f"mp.avg_bits must be a finite number of bits per weight or null, "
                               f"got {self.avg_bits}")

@@ -149,7 +149,7 @@ class MixedPrecision:
         if cost is not None:  # allocate reads cost[pack][bits]
             cost = [dict(zip(self.candidates, map(float, row))) for row in cost]
         alloc = allocate(self.cfg, self.w_bits, sizes, cost=cost, omega=omega,
-                         prefix_weights=pre_w, suffix_weights=suf_w, acts=acts)
+                         prefix_weights=pre_w, suffix_weights=suf_w, acts=acts, a_target=self.a_bits)
         acts = act_bits(self.cfg, self.w_bits, self.a_bits, alloc.bits)
         for p, w in zip(groups, alloc.bits):
             sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
@@ -190,6 +190,8 @@ class MixedPrecision:
             "target_w_bits": self.w_bits,
             "target_a_bits": self.a_bits,
             "achieved_w_bits": None if a is None else a.avg_bits,
+            "a_avg_bits": None if a is None else a.a_budget_avg_bits,  # the activation budget, if any
+            "achieved_a_bits": None if a is None else a.a_avg_bits,
             "candidates": list(self.candidates),
             "sensitivity": self.cfg.sensitivity,
             "acts": self.cfg.acts,

@@ -150,3 +150,39 @@ def _mckp_milp(w: np.ndarray, costs: np.ndarray, extra: int,
             return choice, res.status == 0
         rhs -= used - extra  # the solver's feasibility tolerance let it overshoot
     raise RuntimeError("scipy.optimize.milp kept exceeding the bit budget")
+
+
+def solve_mckp_multi(costs: np.ndarray, uses: Sequence[np.ndarray], caps: Sequence[int], *,
+                     time_limit_s: float = 60.0) -> Solution:
+    """Multiple-choice knapsack under several budgets: pick one candidate k_j per pack
+    minimising ``sum_j costs[j, k_j]`` subject to ``sum_j uses[c][j, k_j] <= caps[c]`` for every
+    budget c (integer uses, e.g. weight bits and activation bits). Solved by
+    ``scipy.optimize.milp`` (HiGHS, binary variables, zero relative gap); the answer is checked
+    in integer arithmetic and re-solved with a tighter cap if a tolerance let it overshoot.
+    Raises ValueError when no allocation fits."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_matrix
+
+    costs = np.asarray(costs, dtype=np.float64)
+    n, K = costs.shape
+    uses = [np.asarray(u, dtype=np.int64) for u in uses]
+    if any(u.shape != (n, K) for u in uses) or len(uses) != len(caps):
+        raise ValueError("every use table must be [n_packs, n_candidates], one cap each")
+    if any(int(u.min(axis=1).sum()) > int(c) for u, c in zip(uses, caps)):
+        raise ValueError("a budget is below its all-minimum allocation")
+    one_each = csr_matrix((np.ones(n * K), (np.repeat(np.arange(n), K), np.arange(n * K))), shape=(n, n * K))
+    scale = float(np.abs(costs).max()) or 1.0
+    rhs = [float(c) for c in caps]
+    for _ in range(5):
+        res = milp((costs / scale).ravel(), integrality=np.ones(n * K), bounds=Bounds(0, 1),
+                   constraints=[LinearConstraint(one_each, 1, 1)]
+                   + [LinearConstraint(u.reshape(1, -1).astype(np.float64), -np.inf, r) for u, r in zip(uses, rhs)],
+                   options={"mip_rel_gap": 0.0, "time_limit": time_limit_s, "presolve": True})
+        if res.x is None:
+            raise ValueError(f"no allocation meets every budget ({res.message})")
+        choice = [int(i) for i in np.argmax(res.x.reshape(n, K), axis=1)]
+        over = [int(sum(int(u[j, k]) for j, k in enumerate(choice))) - int(c) for u, c in zip(uses, caps)]
+        if max(over) <= 0:
+            return Solution(choice, _chain_cost(costs, choice), "milp" if res.status == 0 else "milp-time-limit")
+        rhs = [r - max(o, 0) for r, o in zip(rhs, over)]
+    raise RuntimeError("scipy.optimize.milp kept exceeding a budget")
