@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The mixed-precision headline at equal weight and activation averages (resnet18 on the
+# embedded MNIST-5k, W3A3 target, block-wise reconstruction, 3 seeds), with the rounding
+# learning rate chosen on the validation split (500 training samples held out of calibration).
+# Writes experiments/results/mp_headline.md. Usage: bash experiments/run_mp_headline.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-multirun/mp_headline}
+common="experiment=mp_sweep data.val_size=500"
+# 1. w_lr on validation top-1, uniform W3A3, seed 0
+packptq $common mp=none recon.w_lr=3e-3,1e-2 seed=0 hydra.sweep.dir=$out/choose_lr
+lr=$(python - "$out/choose_lr" <<'PY'
+import json, pathlib, sys
+runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/results.json")]
+best = max(runs, key=lambda r: (r["val_top1"], -r["config"]["recon"]["w_lr"]))
+print(best["config"]["recon"]["w_lr"])
+PY
+)
+echo "w_lr chosen on validation: $lr"
+# 2. uniform W3A3 and the exact budget at 3.0 weight and 3.0 activation bits, 3 seeds each
+packptq $common recon.w_lr=$lr mp=none,budget seed=0,1,2 hydra.sweep.dir=$out/headline
+python experiments/mp_headline_table.py "$out" > experiments/results/mp_headline.md
