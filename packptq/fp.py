@@ -54,7 +54,8 @@ def fp_cache_key(model_cfg, data_cfg) -> str:
     desc["data"].pop("calib_size", None)
     desc["data"].pop("calib_seed", None)  # calibration choice does not change the FP model
     desc["data"].pop("num_workers", None)
-    desc["data"].pop("val_size", None)  # held out of calibration only; FP training sees the whole split
+    if not desc["data"].get("val_size"):  # a validation split is held out of FP training too
+        desc["data"].pop("val_size", None)
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{model_cfg.name}-{data_cfg.name}-{h}"
 
@@ -73,7 +74,11 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     L.seed_everything(seed, workers=True, verbose=False)
     dm.setup()
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dm.train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
+    train_set = dm.train_set
+    if dm.cfg.val_size:  # the validation split must be unseen by the network to choose anything
+        held = set(dm.val_indices().tolist())
+        train_set = torch.utils.data.Subset(train_set, [i for i in range(len(train_set)) if i not in held])
+    loader = torch.utils.data.DataLoader(train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
                                          generator=g, num_workers=dm.cfg.num_workers, drop_last=True)
     module = Classifier(model, model_cfg.train_lr, model_cfg.train_wd, model_cfg.train_epochs, len(loader))
     kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False)
