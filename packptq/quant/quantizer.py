@@ -28,13 +28,13 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int
     return (q - zp) * scale
 
 
-@torch.no_grad()
 #: the error norm of the MSE range search: |q - x|^2.4, the official Pack-PTQ code's. It weighs
 #: large (clipping) errors more than a squared error does; at 3-bit weights this keeps more of
 #: the range (docs/decisions.md, experiments/results/range_norm.md)
 RANGE_NORM = 2.4
 
 
+@torch.no_grad()
 def search_range(x: torch.Tensor, bits: int, ch_axis: Optional[int] = None, method: str = "mse",
                  grid: int = 80, p: float = RANGE_NORM) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose (scale, zero_point) for ``x``: per channel along ``ch_axis`` or per tensor.
