@@ -188,7 +188,7 @@ def test_resume_refusal_names_the_change_and_changes_nothing(overrides, match, d
     if drop_fp:
         (run_dir / "fingerprint.json").unlink()
     before = _mtimes(run_dir)
-    refuse(run_dir, overrides, match)
+    refuse(run_dir, ["packing=block", "recon.iters=5", *overrides], match)
     assert _mtimes(run_dir) == before  # nothing written, nothing touched
 
 
@@ -214,7 +214,7 @@ def test_swapped_unit_files_are_refused(finished_run, tmp_path):
     a, b = run_dir / "unit_03.pt", run_dir / "unit_04.pt"
     tmp = run_dir / "swap"
     a.rename(tmp), b.rename(a), tmp.rename(b)
-    msg = refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit_03.pt holds unit pack_02 .* not pack_03")
+    msg = refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit_03.pt holds unit pack_03 .* not pack_02")
     assert "mixes unit files" in msg
 
 
