@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import packptq.schemas  # noqa: F401  (the typed bases of conf/<group>/ choice files)
@@ -121,11 +122,33 @@ def _app(cfg: DictConfig) -> Optional[float]:
             _restore_hydra_files()
             sys.exit(2 if bad_input else 1)
         try:  # the job's directory says why it has no results.json; the sweep goes on
-            Path(hc.runtime.output_dir, "error.txt").write_text(line + "\n")
+            Path(hc.runtime.output_dir, ERROR_FILE).write_text(line + "\n")
         except OSError:
             pass
         return None
+    if multirun:
+        Path(hc.runtime.output_dir, ERROR_FILE).unlink(missing_ok=True)  # a rerun job that now succeeds
     return results["quant_top1"]
+
+
+#: written into a sweep job's directory when the job fails (its one-line reason)
+ERROR_FILE = "error.txt"
+#: sweep jobs that failed, counted by SweepFailures in the launching process
+_SWEEP_FAILED: list = []
+
+
+class SweepFailures(Callback):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): after a sweep, in the process that
+    launched it (whatever the launcher), count the jobs that left an error file; ``main`` then
+    exits with status 2."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        failed = sorted(str(p.parent) for p in sweep.glob(f"*/{ERROR_FILE}"))
+        _SWEEP_FAILED[:] = failed
+        if failed:
+            print(f"packptq: error: {len(failed)} sweep job(s) failed ({', '.join(failed[:5])}); "
+                  f"each holds {ERROR_FILE}", file=sys.stderr)
 
 
 def main() -> None:
@@ -149,7 +172,10 @@ def main() -> None:
                 _HYDRA_FILES[str(p)] = p.read_text()
             except OSError:
                 pass
+    _SWEEP_FAILED.clear()
     _app()
+    if _SWEEP_FAILED:
+        sys.exit(2)
 
 
 def report_main(argv=None) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from packptq.config import ConfigError
-from packptq.registry import Registry
+from packptq.registry import Registry, UnknownName
 
 DATASETS: Registry[type] = Registry("dataset")
 
@@ -186,6 +186,6 @@ def build_datamodule(section: Any) -> BaseDataModule:
 
     name = section["name"] if section is not None else None
     if name not in DATASETS:
-        raise ConfigError(f"unknown data.name '{name}'; known: {', '.join(DATASETS.names())}")
+        raise UnknownName(f"unknown data.name '{name}'; known: {', '.join(DATASETS.names())}")
     cls = DATASETS.get(name)
     return cls(typed(cls.Config, section, "data"))
