@@ -153,7 +153,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
         "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
         "recon_loss": {k: [v[0], v[-1]] for k, v in unit_losses.items() if v},
-        "time_s": _add(times, timer.times), "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
+        "time_s": _add(times, timer.times), "fingerprint": rd.run_fp, "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
         "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
     }
     rd.write_json("results.json", results)
