@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -13,10 +14,26 @@ import torch
 from packptq.config import ConfigError
 
 
+#: the key under which every JSON artifact (a dict) records the run that produced it
+FP_KEY = "fingerprint"
+
+
 class RunDir:
+    """A run directory. Once ``guard`` has fixed the run's fingerprint, every JSON artifact
+    written records it under ``"fingerprint"`` and every one read back must carry the same, so
+    artifacts of another run are refused even without ``fingerprint.json``."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.run_fp: Optional[str] = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".probe.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"run directory {self.path} is not writable ({exc.strerror or exc}); "
+                              "give a writable hydra.run.dir=... (or run_dir=...)") from None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -25,13 +42,30 @@ class RunDir:
         return (self.path / name).is_file()
 
     def write_json(self, name: str, obj: Any) -> Path:
+        if self.run_fp is not None and isinstance(obj, dict):
+            obj = {**obj, FP_KEY: self.run_fp}
         return _atomic(self.path / name, lambda p: p.write_text(json.dumps(obj, indent=2, default=_jsonable)))
 
-    def read_json(self, name: str) -> Any:
+    def read_raw(self, name: str) -> Any:
         try:
             return json.loads((self.path / name).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"artifact {self.path / name} is unreadable ({exc}); delete it to recompute") from None
+
+    def read_json(self, name: str) -> Any:
+        """The JSON artifact ``name``, checked to come from this run (its fingerprint), without
+        the fingerprint entry."""
+        obj = self.read_raw(name)
+        if self.run_fp is not None and isinstance(obj, dict):
+            self.check_origin(name, obj.get(FP_KEY))
+            obj = {k: v for k, v in obj.items() if k != FP_KEY}
+        return obj
+
+    def check_origin(self, name: str, fingerprint: Optional[str]) -> None:
+        if fingerprint != self.run_fp:
+            raise ConfigError(f"artifact {self.path / name} was produced by another run (fingerprint {fingerprint}, "
+                              f"this run {self.run_fp}); resuming would mix results: use a new run directory "
+                              "(hydra.run.dir=...)")
 
     def cached_json(self, name: str, compute: Callable[[], Any]) -> Any:
         """The artifact ``name`` if the run directory has it (resume), else ``compute()``,
@@ -62,25 +96,64 @@ class RunDir:
             raise ConfigError(f"artifact {self.path / name} is corrupt ({str(exc).splitlines()[0]}); "
                               "delete it to recompute that phase") from None
 
-    def guard(self, config_hash: str, calib_fp: str) -> bool:
-        """Record the run's identity, or check it against the one recorded. Returns True when
-        resuming an earlier run of the same config."""
+    def guard(self, config_hash: str, calib_fp: str, items: Optional[dict] = None) -> bool:
+        """Record the run's identity (``config_hash``, the calibration fingerprint ``calib_fp``
+        and the flat config ``items`` they come from), or check it against the one recorded; a
+        refusal names the keys that changed. Every artifact already in the directory must carry
+        this run's fingerprint too (so deleting ``fingerprint.json`` cannot mix runs). Returns
+        True when resuming an earlier run of the same config. Writes nothing when it refuses."""
         name = "fingerprint.json"
-        now = {"config": config_hash, "calibration": calib_fp}
+        run_fp = hash_obj({"config": config_hash, "calibration": calib_fp})
+        now = {"config": config_hash, "calibration": calib_fp, "run": run_fp, "items": items or {}}
         if self.has(name):
-            old = self.read_json(name)
-            if old != now:
-                what = "config" if old.get("config") != config_hash else "calibration set"
-                raise ConfigError(
-                    f"{self.path} holds a run with a different {what}; resuming would mix results. "
-                    "Use a new run directory (hydra.run.dir=...) or delete the old one")
-            return True
-        self.write_json(name, now)
-        return False
+            old = self.read_raw(name)
+            if old.get("config") != config_hash or old.get("calibration") != calib_fp:
+                raise ConfigError(f"{self.path} holds a run with a different {_changes(old, now)}; resuming would "
+                                  "mix results. Use a new run directory (hydra.run.dir=...) or delete the old one")
+        for p in sorted(self.path.glob("*.json")):
+            if p.name == name:
+                continue
+            try:
+                obj = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # reported when the phase reads it
+            if isinstance(obj, dict) and obj.get(FP_KEY) != run_fp:
+                raise ConfigError(f"{self.path} holds {p.name} from another run (fingerprint {obj.get(FP_KEY)}, this "
+                                  f"run {run_fp}); resuming would mix results. Use a new run directory "
+                                  "(hydra.run.dir=...) or delete the old one")
+        resumed = self.has(name)
+        self.run_fp = run_fp
+        if not resumed:
+            self.write_json(name, now)
+        return resumed
+
+
+def _changes(old: dict, now: dict) -> str:
+    """What differs between two fingerprint records, for a refusal: the config keys that changed
+    (with old and new values), else "config" or "calibration set"."""
+    a, b = old.get("items") or {}, now.get("items") or {}
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    if keys:
+        shown = ", ".join(f"{k} ({a.get(k, '<unset>')} -> {b.get(k, '<unset>')})" for k in keys[:6])
+        more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+        return f"config: {shown}{more}"
+    if old.get("config") != now.get("config"):
+        return "config (FP model or code version)"
+    return "calibration set (same config, other samples)"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
 
 
 def _atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     write(tmp)
     os.replace(tmp, path)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import packptq.schemas  # noqa: F401  (the typed bases of conf/<group>/ choice files)
@@ -66,6 +67,41 @@ def _wandb_artifacts(logger, run_dir: str) -> None:
     logger.experiment.log_artifact(art)
 
 
+def full_errors() -> bool:
+    """Developers see tracebacks with HYDRA_FULL_ERROR=1; users see one line."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as the single line a user reads: a ConfigError's message, else its type and the
+    first line of its message."""
+    msg = " ".join(str(exc).split()) if isinstance(exc, ConfigError) else \
+        f"{type(exc).__name__}: {(str(exc).strip().splitlines() or ['(no message)'])[0]}"
+    return msg
+
+
+#: `.hydra/*.yaml` of an existing run directory named on the command line, read before Hydra
+#: rewrites them: a refused command puts them back, so it changes nothing in the old run
+_HYDRA_FILES: dict = {}
+
+
+def _argv_value(argv, key: str) -> Optional[str]:
+    """The value the last ``key=value`` of ``argv`` gives (Hydra's rule: the last one wins)."""
+    found = None
+    for a in argv:
+        if a.startswith(key + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _restore_hydra_files() -> None:
+    for path, text in _HYDRA_FILES.items():
+        try:
+            Path(path).write_text(text)
+        except OSError:
+            pass
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _app(cfg: DictConfig) -> Optional[float]:
     """One job. Returns the validation top-1 (None without ``data.val_size``): the objective a
@@ -73,19 +109,75 @@ def _app(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    sweep_dir = hc.sweep.dir if hc.mode.name == "MULTIRUN" else None
+    multirun = hc.mode.name == "MULTIRUN"
+    sweep_dir = hc.sweep.dir if multirun else None
     try:
         results = run_with_logging(cfg, list(hc.overrides.task), sweep_dir)
-    except ConfigError as exc:
-        print(f"packptq: error: {exc}", file=sys.stderr)
-        if hc.mode.name == "MULTIRUN":
+    except Exception as exc:  # noqa: BLE001  (every failure reaches the user as one line)
+        if full_errors():
             raise
-        sys.exit(2)
+        bad_input = isinstance(exc, ConfigError)
+        line = one_line(exc)
+        job = f" (job {hc.job.num}: {' '.join(hc.overrides.task)})" if multirun else ""
+        print(f"packptq: error{job}: {line}", file=sys.stderr)
+        if not multirun:
+            _restore_hydra_files()
+            sys.exit(2 if bad_input else 1)
+        try:  # the job's directory says why it has no results.json; the sweep goes on
+            Path(hc.runtime.output_dir, ERROR_FILE).write_text(line + "\n")
+        except OSError:
+            pass
+        return None
+    if multirun:
+        Path(hc.runtime.output_dir, ERROR_FILE).unlink(missing_ok=True)  # a rerun job that now succeeds
     return results["val_top1"]
 
 
+#: written into a sweep job's directory when the job fails (its one-line reason)
+ERROR_FILE = "error.txt"
+#: sweep jobs that failed, counted by SweepFailures in the launching process
+_SWEEP_FAILED: list = []
+
+
+class SweepFailures(Callback):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): after a sweep, in the process that
+    launched it (whatever the launcher), count the jobs that left an error file; ``main`` then
+    exits with status 2."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        failed = sorted(str(p.parent) for p in sweep.glob(f"*/{ERROR_FILE}"))
+        _SWEEP_FAILED[:] = failed
+        if failed:
+            print(f"packptq: error: {len(failed)} sweep job(s) failed ({', '.join(failed[:5])}); "
+                  f"each holds {ERROR_FILE}", file=sys.stderr)
+
+
 def main() -> None:
+    argv = sys.argv[1:]
+    multirun = "-m" in argv or "--multirun" in argv
+    run_dir = _argv_value(argv, "hydra.run.dir")
+    if run_dir and not multirun:
+        # an unwritable run directory is one line, not Hydra's traceback
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            probe = Path(run_dir) / f".probe.{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            print(f"packptq: error: run directory {run_dir} is not writable ({exc.strerror or exc}); "
+                  "give a writable hydra.run.dir=...", file=sys.stderr)
+            sys.exit(2)
+        _HYDRA_FILES.clear()
+        for p in (Path(run_dir) / ".hydra").glob("*.yaml"):
+            try:
+                _HYDRA_FILES[str(p)] = p.read_text()
+            except OSError:
+                pass
+    _SWEEP_FAILED.clear()
     _app()
+    if _SWEEP_FAILED:
+        sys.exit(2)
 
 
 def report_main(argv=None) -> None:

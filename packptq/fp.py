@@ -3,8 +3,14 @@ prefix / blocks / suffix, and train it with Lightning when it comes without weig
 under a key made from the model and data config, so every PTQ seed starts from one network)."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import sys
+import tempfile
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Tuple
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from packptq.artifacts import file_digest
+from packptq.config import ConfigError
 from packptq.runtime import TRAINER_DEFAULTS
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
@@ -45,34 +52,109 @@ class Classifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fp_cache_key(model_cfg, data_cfg) -> str:
-    """The FP model depends on the model and data config (split seed included), not on the
-    run seed: every PTQ seed starts from the same trained network."""
+#: data settings that do not change the trained FP weights (serving and calibration choices;
+#: the data's content enters the key through its digest, so a moved file keeps its model)
+_DATA_NOT_IN_KEY = ("calib_size", "calib_seed", "num_workers", "batch_size", "path")
+
+
+def fp_cache_key(model_cfg, data_cfg, content: Optional[str] = None, precision: Optional[str] = None) -> str:
+    """The FP model depends on the model config, the data config that shapes the training split
+    (split seed included), the training samples' content digest ``content`` and the training
+    precision; not on the run seed (every PTQ seed starts from the same trained network), the
+    evaluation batch size, the calibration choice or the data's location."""
     desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 3}  # v2: BN trains; v3: no decay on norms/biases
-    for k in ("checkpoint", "pretrained"):
+    for k in ("checkpoint", "pretrained", "strict"):
         desc["model"].pop(k, None)
-    desc["data"].pop("calib_size", None)
-    desc["data"].pop("calib_seed", None)  # calibration choice does not change the FP model
-    desc["data"].pop("num_workers", None)
+    for k in _DATA_NOT_IN_KEY:
+        desc["data"].pop(k, None)
+    desc["content"] = content
+    if precision not in (None, "32-true", "32", 32):
+        desc["precision"] = str(precision)
     if not desc["data"].get("val_size"):  # a validation split is held out of FP training too
         desc["data"].pop("val_size", None)
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{model_cfg.name}-{data_cfg.name}-{h}"
 
 
+def cache_path(model_cfg, dm, cache_dir: Path, trainer_kwargs: Optional[dict] = None) -> Path:
+    """Where the FP model trained for ``dm``'s data lives in the cache."""
+    key = fp_cache_key(model_cfg, dm.cfg, dm.content_digest(), (trainer_kwargs or {}).get("precision"))
+    return Path(cache_dir) / "fp" / f"{key}.pt"
+
+
+def check_trainable(model_cfg, dm) -> int:
+    """Optimiser steps one epoch of FP training takes (batches of ``train_batch_size``, last
+    partial batch dropped); a configuration that would train zero steps is a ConfigError."""
+    dm.setup()
+    n = len(dm.train_set)
+    steps = n // model_cfg.train_batch_size
+    if steps < 1:
+        raise ConfigError(f"FP training would take no optimiser step: the training split has {n} samples, fewer "
+                          f"than model.train_batch_size={model_cfg.train_batch_size}; lower model.train_batch_size "
+                          "or give more training data")
+    return steps
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and check a file can be written there, else a ConfigError (before any
+    training, so no trained model is lost to an unwritable cache)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"FP cache folder {folder} is not writable ({exc.strerror or exc}); set cache_dir=... "
+                          "or PACKPTQ_CACHE to a writable folder") from None
+
+
+@contextmanager
+def _locked(lock_path: Path):
+    """An exclusive advisory lock on ``lock_path`` (jobs of a sweep that need the same FP model
+    wait for the one training it)."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_cached(model: nn.Module, path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if any(v.is_floating_point() and not torch.isfinite(v).all() for v in sd.values()):
+            raise ValueError("non-finite values")
+        model.load_state_dict(sd)
+        return True
+    except Exception as exc:  # a corrupt cache entry is retrained, never trusted
+        print(f"[packptq] FP cache {path} unreadable ({str(exc).splitlines()[0]}); retraining")
+        return False
+
+
 def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
                   trainer_kwargs: Optional[dict] = None, logger=None) -> Tuple[nn.Module, str]:
-    """Return the trained FP model and where its weights live (cached .pt)."""
-    path = Path(cache_dir) / "fp" / f"{fp_cache_key(model_cfg, data_cfg)}.pt"
-    seed = data_cfg.seed
-    if path.is_file():
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), str(path)
-        except Exception as exc:  # a corrupt cache entry is retrained, never trusted
-            print(f"[packptq] FP cache {path} unreadable ({str(exc).splitlines()[0]}); retraining")
-    L.seed_everything(seed, workers=True, verbose=False)
+    """Return the trained FP model and where its weights live (cached .pt). Concurrent callers
+    for one cache entry train it once: the first holds a lock while the others wait, then load."""
     dm.setup()
+    path = cache_path(model_cfg, dm, cache_dir, trainer_kwargs)
+    if _load_cached(model, path):
+        return model.eval(), str(path)
+    steps = check_trainable(model_cfg, dm)
+    check_writable(path.parent)
+    with _locked(path.with_suffix(".lock")):
+        if _load_cached(model, path):  # trained by another job while this one waited
+            return model.eval(), str(path)
+        _train(model, dm, model_cfg, data_cfg.seed, steps, trainer_kwargs, logger)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+    return model, str(path)
+
+
+def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwargs: Optional[dict], logger) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
     train_set = dm.train_set
     if dm.cfg.val_size:  # the validation split must be unseen by the network to choose anything
@@ -84,14 +166,27 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False)
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
+    print(f"[packptq] training the FP model: {model_cfg.train_epochs} epochs of {steps} steps")
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
     L.Trainer(**kw).fit(module, train_dataloaders=loader)
     model.cpu().eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)
-    return model, str(path)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"FP training diverged: non-finite weights in {bad[:3]}; lower model.train_lr")
+
+
+def check_not_chance(fp_top1: float, num_classes: int, trained_here: bool, where: str) -> None:
+    """An FP model near chance accuracy (top-1 below 1.5x chance) is not worth quantizing: an
+    error for a model trained here (its cache entry ``where`` is named), a warning for given
+    weights (a checkpoint may be meant for other data)."""
+    chance = 100.0 / max(1, num_classes)
+    if fp_top1 >= 1.5 * chance or num_classes < 2:
+        return
+    msg = (f"the FP model's top-1 is {fp_top1:.2f}%, near chance ({chance:.2f}% for {num_classes} classes)")
+    if trained_here:
+        raise ConfigError(f"{msg}: FP training failed (model.train_epochs, model.train_lr, the data?); "
+                          f"delete {where} to retrain")
+    print(f"packptq: warning: {msg}: check model.checkpoint and the data", file=sys.stderr)
 
 
 def trains(model_cfg: ModelConfig) -> bool:
@@ -99,12 +194,12 @@ def trains(model_cfg: ModelConfig) -> bool:
     return not (model_cfg.checkpoint or model_cfg.pretrained)
 
 
-def identity(model_cfg: ModelConfig, data_cfg) -> Optional[str]:
+def identity(model_cfg: ModelConfig, dm, trainer_kwargs: Optional[dict] = None) -> Optional[str]:
     """What identifies the FP weights for the resume guard: the training cache key (which
-    carries the training code's version), a checkpoint file's content digest, or None for
-    library weights (named by the config itself)."""
+    carries the training code's version and the data's content), a checkpoint file's content
+    digest, or None for library weights (named by the config itself)."""
     if trains(model_cfg):
-        return fp_cache_key(model_cfg, data_cfg)
+        return cache_path(model_cfg, dm, Path("."), trainer_kwargs).stem
     return file_digest(model_cfg.checkpoint) if model_cfg.checkpoint else None
 
 

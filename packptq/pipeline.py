@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from packptq import fp, mp
-from packptq.artifacts import RunDir, hash_obj
+from packptq.artifacts import RunDir, flatten, hash_obj
 from packptq.calibration import calibrate_twins
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
@@ -22,17 +22,31 @@ from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
 from packptq.quant import QuantConfig
 from packptq.recon import ReconConfig, ReconSequence, plan_units
-from packptq.runtime import Timer, device_of, log_metrics, log_table, quiet_lightning, set_threads, trainer_kwargs
+from packptq.runtime import Timer, check_seed, device_of, log_metrics, log_table, quiet_lightning, set_threads, trainer_kwargs
 from packptq.scores import hessian_scores
 from packptq.zoo.build import ModelConfig
 
-#: config keys that do not change results (excluded from the resume fingerprint)
+#: config keys that do not change results (excluded from the resume fingerprint). The trainer
+#: section is replaced by what of it changes results (precision, the device type); the data's
+#: location and loader workers are left out (its content enters through the calibration
+#: fingerprint and the FP model's identity).
 VOLATILE = ("logger", "trainer", "threads", "progress", "run_dir", "cache_dir", "hydra")
+VOLATILE_DATA = ("path", "num_workers")
+
+
+def fingerprint_items(cfg_dict: dict, trainer_kw: dict, device: torch.device, fp_identity) -> dict:
+    """The flat config that identifies a run's results: every key outside VOLATILE, the
+    trainer's precision and device type, the FP model's identity."""
+    items = {k: v for k, v in cfg_dict.items() if k not in VOLATILE}
+    items["data"] = {k: v for k, v in (items.get("data") or {}).items() if k not in VOLATILE_DATA}
+    items["trainer"] = {"precision": str(trainer_kw.get("precision", "32-true")), "device": device.type}
+    items["_fp_model"] = fp_identity
+    return flatten(items)
 
 
 def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
-    timer, seed, progress = Timer(), int(cfg.seed), bool(cfg.get("progress", True))
+    seed, progress = check_seed(cfg.seed), bool(cfg.get("progress", True))
     quiet_lightning()
     set_threads(cfg.get("threads"))
     # every section is validated before any heavy work
@@ -54,18 +68,29 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     rd = RunDir(cfg.run_dir)
     bs = dm.cfg.batch_size  # every forward pass over a tensor set
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    times: dict = {}  # this run directory's phase times over every process that worked on it
 
+    def persist_times(mine: dict) -> None:
+        if rd.run_fp is not None:
+            rd.write_json("times.json", {"prior": times, "time_s": _add(times, mine)})
+
+    timer = Timer(persist_times)
     num_classes = dm.meta()["num_classes"]
     with timer.phase("fp"):
         model = fp.build(mcfg, dm)
         dm.setup()
-        x_cal, y_cal = dm.calib_tensors()
+        x_cal, y_cal = dm.calib_tensors()  # reads every calibration sample: a corrupt one stops here
         val_loader = dm.val_dataloader() if dm.cfg.val_size else None  # choices are made on it, never on test
         split = fp.split(model, mcfg, x_cal[:2])
         if mp_plan is not None:  # an impossible bit budget stops here, before FP training
             mp_plan.check_feasible(model, split)
-        resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp.identity(mcfg, dm.cfg)}, VOLATILE),
-                           dm.fingerprint())
+        items = fingerprint_items(cfg_dict, trainer_kw, device, fp.identity(mcfg, dm, trainer_kw))
+        resumed = rd.guard(hash_obj(items), dm.fingerprint(), items)
+        if rd.has("times.json"):
+            times = rd.read_json("times.json").get("time_s", {})
+        if fp.trains(mcfg) and not fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).is_file():
+            fp.check_trainable(mcfg, dm)  # before any training: zero steps, an unwritable cache
+            fp.check_writable(fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).parent)
         model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw).to(device)
 
         def fp_eval() -> dict:
@@ -75,6 +100,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
 
         fp_res = rd.cached_json("fp.json", fp_eval)
         fp_top1, fp_preds = fp_res["fp_top1"], torch.tensor(fp_res["preds"])
+        fp.check_not_chance(fp_top1, num_classes, fp.trains(mcfg),
+                            fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw) if fp.trains(mcfg) else None)
         log_metrics(logger, {"eval/fp_top1": fp_top1})
     print(f"[packptq] {mcfg.name} on {dm.cfg.name}: FP top-1 {fp_top1:.2f}%  "
           f"({'resuming ' if resumed else ''}run dir {rd.path})")
@@ -137,7 +164,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
         "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
         "recon_loss": {k: [v[0], v[-1]] for k, v in unit_losses.items() if v},
-        "time_s": timer.times, "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
+        "time_s": _add(times, timer.times), "fingerprint": rd.run_fp, "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
         "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
     }
     rd.write_json("results.json", results)
@@ -147,3 +174,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     print_table(results)
     return results
 
+
+
+def _add(a: dict, b: dict) -> dict:
+    """Phase times of two processes on one run directory, summed per phase."""
+    return {k: round(a.get(k, 0.0) + b.get(k, 0.0), 3) for k in {**a, **b}}

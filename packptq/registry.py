@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Generic, Iterator, TypeVar
 
+from packptq.config import ConfigError
+
 T = TypeVar("T")
+
+
+class UnknownName(ConfigError, KeyError):
+    """An unknown registry name: a ConfigError (one line for the user) that is also a KeyError."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):
@@ -24,7 +33,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._items:
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} '{name}'; known: {known}")
+            raise UnknownName(f"unknown {self.kind} '{name}'; known: {known}")
         return self._items[name]
 
     def __contains__(self, name: object) -> bool:

@@ -21,10 +21,12 @@ TRAINER_DEFAULTS = dict(accelerator="auto", devices=1, enable_checkpointing=Fals
 
 
 class Timer:
-    """Wall time per phase, in seconds (a phase entered twice adds up)."""
+    """Wall time per phase, in seconds (a phase entered twice adds up). ``on_phase(times)`` is
+    called after each phase that ends without an error (e.g. to persist the times)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_phase=None) -> None:
         self.times: Dict[str, float] = {}
+        self.on_phase = on_phase
 
     @contextmanager
     def phase(self, name: str):
@@ -33,6 +35,8 @@ class Timer:
             yield
         finally:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
+        if self.on_phase is not None:
+            self.on_phase(self.times)
 
 
 def trainer_kwargs(section: Optional[DictConfig]) -> dict:
@@ -61,13 +65,35 @@ def device_of(kwargs: dict) -> torch.device:
         raise ConfigError(f"trainer settings cannot run here: {str(exc).splitlines()[0]}") from None
 
 
+def check_threads(threads) -> Optional[int]:
+    """The ``threads`` setting as an int >= 1 (None: unset), else a ConfigError."""
+    if threads in (None, "", "null"):
+        return None
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}") from None
+    if n < 1 or str(n) != str(threads).strip():
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    return n
+
+
+def check_seed(seed) -> int:
+    """The run ``seed`` as an int in [0, 2**63), else a ConfigError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
 def set_threads(threads) -> None:
     """Torch threads: the config's, else one per job under submitit's local executor (jobs of a
     sweep run side by side), else the SLURM allocation's CPUs, else torch's default."""
-    if threads in (None, "", "null"):
-        threads = 1 if os.environ.get("SUBMITIT_LOCAL_JOB_ID") else os.environ.get("SLURM_CPUS_PER_TASK")
+    threads = check_threads(threads)
+    if threads is None:
+        env = 1 if os.environ.get("SUBMITIT_LOCAL_JOB_ID") else os.environ.get("SLURM_CPUS_PER_TASK")
+        threads = int(env) if env else None
     if threads:
-        torch.set_num_threads(int(threads))
+        torch.set_num_threads(threads)
 
 
 def quiet_lightning() -> None:

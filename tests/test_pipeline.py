@@ -255,12 +255,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, policy_run):
     assert units == sorted(p.name for p in run_dir.glob("unit_*.pt")) and len(units) == 10
     assert res["recon_loss"] == ref["recon_loss"]  # loaded units report the losses they were fitted with
     for name in units:
-        a = torch.load(ref_dir / name, weights_only=True)
-        b = torch.load(run_dir / name, weights_only=True)
+        a = torch.load(ref_dir / name, weights_only=True)["state"]
+        b = torch.load(run_dir / name, weights_only=True)["state"]
         assert a.keys() == b.keys() and a, name
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}:{k}"
-    assert any(k.endswith("alpha") for k in torch.load(run_dir / "unit_05.pt", weights_only=True))
+    assert any(k.endswith("alpha") for k in torch.load(run_dir / "unit_05.pt", weights_only=True)["state"])
 
     # another config in the same directory is refused, before any training
     with pytest.raises(ConfigError, match="different config"):
@@ -371,7 +371,7 @@ def test_resume_refuses_artifacts_of_another_fp_model(policy_run, monkeypatch):
 
     _, run_dir, cfg = policy_run("none")
     key = train_fp.fp_cache_key
-    monkeypatch.setattr(train_fp, "fp_cache_key", lambda m, d: key(m, d) + "-retrained")
+    monkeypatch.setattr(train_fp, "fp_cache_key", lambda *a, **k: key(*a, **k) + "-retrained")
     with pytest.raises(ConfigError, match="different config"):
         pipeline.run(cfg)
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from packptq.config import ConfigError
-from packptq.registry import Registry
+from packptq.registry import Registry, UnknownName
 
 DATASETS: Registry[type] = Registry("dataset")
 
@@ -44,6 +44,12 @@ class DataConfig:
             raise ConfigError(f"data.val_size must be >= 0, got {self.val_size}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        for key in ("seed", "calib_seed"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < 2 ** 63:
+                raise ConfigError(f"data.{key} must be in [0, 2**63), got {v}")
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -125,6 +131,21 @@ class BaseDataModule(L.LightningDataModule):
             h.update(t[idx].contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def content_digest(self) -> str:
+        """What identifies the training samples' content (the FP model trained on them): a
+        SHA-256 over every tensor of an in-memory training split, else ``source_desc()`` with the
+        split sizes. 16 hex characters."""
+        self.setup()
+        h = hashlib.sha256()
+        if isinstance(self.train_set, TensorDataset):
+            for t in self.train_set.tensors:
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps([self.source_desc(), len(self.train_set), self.transform_desc],
+                                sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
     def fingerprint(self) -> str:
         """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
         chosen indices and ``source_desc()``; 16 hex characters."""
@@ -190,5 +211,7 @@ def build_datamodule(section: Any) -> BaseDataModule:
     from packptq.config import typed
 
     name = section["name"] if section is not None else None
+    if name not in DATASETS:
+        raise UnknownName(f"unknown data.name '{name}'; known: {', '.join(DATASETS.names())}")
     cls = DATASETS.get(name)
     return cls(typed(cls.Config, section, "data"))

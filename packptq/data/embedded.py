@@ -8,12 +8,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from packptq.config import ConfigError
 from packptq.data.base import DATASETS, BaseDataModule, DataConfig, seeded_split, tensor_sets
 
 
 @dataclass
 class EmbeddedConfig(DataConfig):
     n_test: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_test < 1:
+            raise ConfigError(f"data.n_test must be >= 1, got {self.n_test}")
 
 
 def _standardize(x: np.ndarray) -> torch.Tensor:

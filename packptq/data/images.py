@@ -69,7 +69,13 @@ class _Images(Dataset):
         from torchvision.datasets.folder import pil_loader
 
         path, label = self.samples[i]
-        return self.transform(pil_loader(path)), label
+        try:
+            img = pil_loader(path)
+        except (OSError, ValueError) as exc:  # truncated or not an image at all
+            raise ConfigError(f"image {path} cannot be decoded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+                              "remove or replace the file") from None
+        return self.transform(img), label
 
 
 def _class_dirs(split_dir: Path) -> List[str]:

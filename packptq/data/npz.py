@@ -104,6 +104,10 @@ class NpzData(BaseDataModule):
                 "save x.astype(np.float32) with channels first"
             )
         n, c, h, w = shape
+        if c > 4 and w in (1, 3, 4):
+            raise ConfigError(
+                f"npz x has shape {list(shape)}, which looks channels-last [N, H, W, C]; packptq reads "
+                f"[N, C, H, W]: save x.transpose(0, 3, 1, 2)")
         y = small["y"]
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise ConfigError(f"npz y must be 1-D integer class labels, got {y.dtype} {list(y.shape)}")
@@ -173,5 +177,5 @@ class NpzData(BaseDataModule):
         pos_of_row = np.full(int(train.max()) + 1, -1, dtype=np.int64)
         pos_of_row[train] = np.arange(len(train))
         pos = torch.from_numpy(pos_of_row[self._calib])
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        g = torch.Generator().manual_seed(self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed)
         return pos[torch.randperm(len(pos), generator=g)[: self.cfg.calib_size]]

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from packptq.artifacts import RunDir
+from packptq.config import ConfigError
 from packptq.evaluate import capture, forward_all
 from packptq.quant import QuantLayer, freeze
 from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
@@ -90,7 +91,7 @@ def load_unit_state(module: nn.Module, sd: dict) -> None:
     sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items()}
     res = module.load_state_dict(sd, strict=False)
     if res.unexpected_keys or any(not _is_fp_param(k) for k in res.missing_keys):
-        raise ValueError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
+        raise ConfigError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
                          f"unexpected {res.unexpected_keys[:5]}")
     freeze(module)
 
@@ -172,22 +173,39 @@ class ReconSequence:
         self._fit(i, ql, cache)
         return i + 1
 
+    def _check_unit_file(self, name: str, saved, u: Unit) -> None:
+        """A unit file must name this unit, its modules and this run's fingerprint."""
+        rd = self.rd
+        if not isinstance(saved, dict) or "state" not in saved:
+            raise ConfigError(f"{rd / name} records no unit identity (key, modules, run); delete it to recompute")
+        if saved.get("key") != u.key or saved.get("names") != u.names:
+            raise ConfigError(f"{rd / name} holds unit {saved.get('key')} {saved.get('names')}, not {u.key} "
+                              f"{u.names}; the run directory mixes unit files: delete them or use a new one")
+        if saved.get("fingerprint") != rd.run_fp:
+            rd.check_origin(name, saved.get("fingerprint"))
+
     def _fit(self, i: int, module: nn.Module, make_cache: Callable[[], ActivationCache]) -> None:
         u, rd = self.units[i], self.rd
         name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
         self._bar.set_postfix_str(u.key)
         ucfg = replace(self.cfg, iters=unit_iters(u, self.cfg))
         if rd.has(name):
-            load_unit_state(module, rd.load_pt(name))
+            saved = rd.load_pt(name)
+            self._check_unit_file(name, saved, u)
+            load_unit_state(module, saved["state"])
             if rd.has(record):
-                self.losses[u.key] = rd.read_json(record).get("loss", [])
+                rec = rd.read_json(record)
+                if rec.get("key") != u.key or rec.get("names") != u.names:
+                    raise ConfigError(f"{rd / record} belongs to unit {rec.get('key')} {rec.get('names')}, not "
+                                      f"{u.key} {u.names}; the run directory mixes two runs: use a new one")
+                self.losses[u.key] = rec.get("loss", [])
         else:
             cache = make_cache()
             ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
                                   self.trainer_kwargs, self.logger, self._step_offset)
             del cache
             module.to(self.twins.device)
-            rd.save_pt(name, unit_state(module))
+            rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module)})
             # every step's loss: results.json of a resumed run reports them as a fresh run does
             rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls})
             self.losses[u.key] = ls

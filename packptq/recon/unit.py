@@ -53,6 +53,16 @@ class ReconConfig:
             raise ConfigError(f"recon.drop_prob={self.drop_prob} must be in [0, 1]")
         if self.cache_dtype not in ("float32", "float16"):
             raise ConfigError(f"recon.cache_dtype={self.cache_dtype}; use float32|float16")
+        for key in ("w_lr", "a_lr", "beta_start", "beta_end"):
+            v = getattr(self, key)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"recon.{key} must be a finite number > 0, got {v}")
+        if not (self.reg_lambda >= 0 and math.isfinite(self.reg_lambda)):
+            raise ConfigError(f"recon.reg_lambda must be a finite number >= 0, got {self.reg_lambda}")
+        if not 0.0 <= self.warmup <= 1.0:
+            raise ConfigError(f"recon.warmup={self.warmup} must be in [0, 1]")
+        if self.log_every < 1:
+            raise ConfigError(f"recon.log_every={self.log_every} must be >= 1")
 
 
 class ActivationCache:
@@ -295,6 +305,11 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     del trainer, module
     gc.collect()
     _release_freed_memory()
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise ConfigError(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
+                          f"{len(losses)}; the finished units are kept in the run directory. Lower recon.w_lr "
+                          f"/ recon.a_lr or check the calibration data")
     return losses
 
 

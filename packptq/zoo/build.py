@@ -32,8 +32,26 @@ class ModelConfig:
     train_batch_size: int = 64
     train_lr: float = 2e-3
     train_wd: float = 0.05
+    # a checkpoint's missing or unexpected keys are an error; false loads what matches (the rest
+    # keeps its random initialisation) and prints the keys
+    strict: bool = True
 
     def __post_init__(self) -> None:
+        from packptq.zoo.split import SPLIT_RULES
+
+        if self.family != "auto" and self.family not in SPLIT_RULES:
+            raise ConfigError(f"unknown model.family '{self.family}'; known: auto, {', '.join(SPLIT_RULES.names())}")
+        if self.train_epochs < 1:
+            raise ConfigError(f"model.train_epochs must be >= 1 (0 trains nothing), got {self.train_epochs}")
+        if self.train_batch_size < 1:
+            raise ConfigError(f"model.train_batch_size must be >= 1, got {self.train_batch_size}")
+        if not self.train_lr > 0 or self.train_lr != self.train_lr or self.train_lr == float("inf"):
+            raise ConfigError(f"model.train_lr must be a finite number > 0, got {self.train_lr}")
+        if not 0 <= self.train_wd < float("inf"):
+            raise ConfigError(f"model.train_wd must be a finite number >= 0, got {self.train_wd}")
+        for key in ("patch_size", "img_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ConfigError(f"model.checkpoint={self.checkpoint} does not exist; give the path of a .pt/.ckpt file")
 
@@ -86,7 +104,7 @@ def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
                   f"using {n_classes}")
             meta["num_classes"] = n_classes
         model = builder(cfg, meta)
-    load_checkpoint(model, cfg.checkpoint, sd)
+    load_checkpoint(model, cfg.checkpoint, sd, strict=cfg.strict)
     return model.eval()
 
 
@@ -106,7 +124,12 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     for prefix in ("model.", "module."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError(f"checkpoint {path} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                          f"{bad[:5]}")
+    return sd
 
 
 def shape_mismatches(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
@@ -156,9 +179,10 @@ def _shapes_from_checkpoint(cfg: ModelConfig, meta: dict, model: nn.Module,
     return cfg, n_classes
 
 
-def load_checkpoint(model: nn.Module, path: str, sd: Dict[str, torch.Tensor]) -> dict:
+def load_checkpoint(model: nn.Module, path: str, sd: Dict[str, torch.Tensor], strict: bool = True) -> dict:
     """Load the tensors ``sd`` read from ``path`` (``read_state_dict``) into ``model``; shapes must
-    match. Returns the missing and unexpected keys, which are also printed."""
+    match. Missing or unexpected keys are a ConfigError naming them, unless ``strict`` is False
+    (then they are printed). Returns the missing and unexpected keys."""
     bad = shape_mismatches(model, sd)
     if bad:
         lines = ", ".join(f"{k} model {a} vs checkpoint {b}" for k, (a, b) in list(bad.items())[:4])
@@ -167,10 +191,15 @@ def load_checkpoint(model: nn.Module, path: str, sd: Dict[str, torch.Tensor]) ->
                           f"model.img_size, model.patch_size and the data's channels")
     res = model.load_state_dict(sd, strict=False)
     report = {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
-    if report["missing"] or report["unexpected"]:
-        print(f"[packptq] checkpoint {path}: {len(report['missing'])} missing keys "
-              f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}")
     own = model.state_dict()
     if len(report["missing"]) == len(own):
         raise ConfigError(f"checkpoint {path} shares no keys with {type(model).__name__}; wrong model?")
+    if strict and (report["missing"] or report["unexpected"]):
+        raise ConfigError(f"checkpoint {path} does not match {type(model).__name__}: "
+                          f"{len(report['missing'])} missing keys {report['missing'][:5]}, "
+                          f"{len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}; "
+                          "model.strict=false loads the matching ones and keeps the rest as initialised")
+    if report["missing"] or report["unexpected"]:
+        print(f"[packptq] checkpoint {path}: {len(report['missing'])} missing keys "
+              f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}")
     return report

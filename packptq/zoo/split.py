@@ -15,6 +15,7 @@ from typing import Callable, List, Tuple
 import torch
 from torch import nn
 
+from packptq.config import ConfigError
 from packptq.registry import Registry
 
 #: family name -> rule(model) -> Split or None (None: "not mine"). A rule that needs to run the
@@ -22,7 +23,7 @@ from packptq.registry import Registry
 SPLIT_RULES: Registry[Callable[[nn.Module], "Split | None"]] = Registry("model family")
 
 
-class SplitError(ValueError):
+class SplitError(ConfigError):
     pass
 
 

@@ -1,0 +1,416 @@
+"""The fault catalogue: bad inputs and faults a user meets, each of which must end in one clear
+line (a ConfigError in process, ``packptq: error: ...`` and exit code 2 on the command line),
+never in a traceback, and never in a ``results.json`` that claims success.
+
+Every case is a row of a table below, tagged with where it stops: ``before`` (before FP
+training or calibration: the ``no_heavy_compute`` guard fails the test if either is reached)
+or ``after`` (the fault only shows once data flows through the network). ``CATALOGUE`` counts
+them; experiments/results/faults.md records the totals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, tiny_cfg, tiny_overrides
+from packptq import fp, pipeline
+from packptq.config import ConfigError
+
+
+def one_line(exc: BaseException) -> str:
+    msg = str(exc)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def no_heavy_compute(monkeypatch):
+    """Any FP training or calibration reached during these runs fails the test."""
+    def boom(*a, **k):
+        raise AssertionError("heavy compute reached before the bad input was reported")
+
+    monkeypatch.setattr(fp, "train_or_load", boom)
+    monkeypatch.setattr(fp, "_train", boom)
+    monkeypatch.setattr(pipeline, "calibrate_twins", boom)
+    monkeypatch.setattr(pipeline, "hessian_scores", boom)
+
+
+def refuse(run_dir: Path, overrides, match: str) -> str:
+    """Run the tiny setting with ``overrides`` in ``run_dir``; it must raise one ConfigError line
+    matching ``match`` and leave no results.json."""
+    had = (run_dir / "results.json").read_bytes() if (run_dir / "results.json").exists() else None
+    with pytest.raises(ConfigError, match=match) as exc:
+        pipeline.run(tiny_cfg(run_dir, *overrides))
+    now = (run_dir / "results.json").read_bytes() if (run_dir / "results.json").exists() else None
+    assert now == had, "results.json written by a failed run"
+    return one_line(exc.value)
+
+
+# -- files the cases need ------------------------------------------------------------------------
+def _tiny_state_dict() -> dict:
+    from packptq.config import typed
+    from packptq.zoo.build import ModelConfig, build_model
+
+    cfg = tiny_cfg("/tmp/unused")
+    mcfg = typed(ModelConfig, cfg.model, "model")
+    return build_model(mcfg, {"num_classes": 10, "in_chans": 1, "img_size": 16}).state_dict()
+
+
+def _file(tmp_path: Path, kind: str) -> str:
+    if kind == "NAN_CKPT":
+        sd = _tiny_state_dict()
+        sd["conv1.weight"][0, 0, 0, 0] = float("nan")
+        torch.save(sd, tmp_path / "nan.pt")
+        return str(tmp_path / "nan.pt")
+    if kind == "PARTIAL_CKPT":  # a state dict missing a whole stage
+        sd = {k: v for k, v in _tiny_state_dict().items() if not k.startswith("layer4.")}
+        torch.save(sd, tmp_path / "partial.pt")
+        return str(tmp_path / "partial.pt")
+    if kind == "EXTRA_CKPT":  # another architecture's extra tensors
+        sd = {**_tiny_state_dict(), "aux_head.weight": torch.zeros(10, 64)}
+        torch.save(sd, tmp_path / "extra.pt")
+        return str(tmp_path / "extra.pt")
+    if kind == "NHWC_NPZ":
+        x = np.random.default_rng(0).normal(size=(60, 16, 16, 1)).astype(np.float32)
+        np.savez(tmp_path / "nhwc.npz", x=x, y=np.arange(60) % 10)
+        return str(tmp_path / "nhwc.npz")
+    if kind == "FILE":  # a regular file: nothing can be created below it
+        (tmp_path / "afile").write_text("x")
+        return str(tmp_path / "afile")
+    raise KeyError(kind)
+
+
+def _expand(overrides, tmp_path: Path):
+    out = []
+    for o in overrides:
+        for kind in ("NAN_CKPT", "PARTIAL_CKPT", "EXTRA_CKPT", "NHWC_NPZ", "FILE"):
+            if kind in o:
+                o = o.replace(kind, _file(tmp_path, kind))
+        out.append(o)
+    return out
+
+
+# -- 1. inputs refused before any compute ----------------------------------------------------------
+BEFORE = [
+    # FP phase: configurations that would train zero optimiser steps
+    (["model.train_epochs=0"], r"model.train_epochs must be >= 1"),
+    (["model.train_batch_size=5000"], r"no optimiser step: the training split has \d+ samples"),
+    (["data.n_test=-200"], r"data.n_test must be >= 1, got -200"),
+    (["model.train_lr=0"], r"model.train_lr must be a finite number > 0"),
+    (["model.train_wd=-1"], r"model.train_wd must be"),
+    (["cache_dir=FILE/cache"], r"FP cache folder .* is not writable"),
+    # checkpoints
+    (["model.checkpoint=NAN_CKPT"], r"non-finite values \(NaN or inf\) in 1 tensor\(s\): \['conv1.weight'\]"),
+    (["model.checkpoint=PARTIAL_CKPT"], r"\d+ missing keys \['layer4\..*model.strict=false"),
+    (["model.checkpoint=EXTRA_CKPT"], r"1 unexpected keys \['aux_head.weight'\]"),
+    # values out of range
+    (["recon.w_lr=-0.003"], r"recon.w_lr must be a finite number > 0, got -0.003"),
+    (["recon.a_lr=0"], r"recon.a_lr must be a finite number > 0"),
+    (["recon.reg_lambda=-1"], r"recon.reg_lambda must be"),
+    (["recon.warmup=2"], r"recon.warmup=2.0 must be in \[0, 1\]"),
+    (["recon.log_every=0"], r"recon.log_every=0 must be >= 1"),
+    (["seed=-1"], r"seed must be an integer in \[0, 2\*\*63\), got -1"),
+    (["threads=0"], r"threads must be a positive integer, got 0"),
+    (["threads=two"], r"threads must be a positive integer, got 'two'"),
+    (["data.seed=-5"], r"data.seed must be in \[0, 2\*\*63\)"),
+    (["data.calib_size=0"], r"data.calib_size must be >= 1"),
+    (["data.batch_size=0"], r"data.batch_size must be >= 1"),
+    (["data.num_workers=-1"], r"data.num_workers must be >= 0"),
+    # unknown registry names: one line listing the known ones
+    (["data.name=cifar99"], r"unknown data.name 'cifar99'; known: .*digits.*mnist5k"),
+    (["model.family=resnot"], r"unknown model.family 'resnot'; known: auto, .*resnet"),
+    # data layouts
+    (["data=npz", "data.path=NHWC_NPZ"], r"looks channels-last \[N, H, W, C\]"),
+    # directories
+    (["run_dir=FILE/run"], r"run directory .* is not writable"),
+]
+
+
+@pytest.mark.parametrize("overrides,match", BEFORE, ids=[" ".join(o) for o, _ in BEFORE])
+def test_refused_before_compute(overrides, match, tmp_path, no_heavy_compute):
+    run_dir = tmp_path / "run"
+    refuse(run_dir, _expand(overrides, tmp_path), match)
+    assert not (run_dir / "fp.json").exists()
+
+
+def test_corrupt_calibration_image_is_one_line_before_training(tmp_path, no_heavy_compute):
+    from test_data import write_image_tree
+
+    root = write_image_tree(tmp_path / "imgs", n_train=3, n_val=1)
+    bad = sorted((root / "train" / "dog").iterdir())[0]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a truncated PNG
+    refuse(tmp_path / "run", ["data=imagefolder", f"data.path={root}", "data.calib_size=9", "data.num_workers=0",
+                              "data.img_size=16", "model.train_batch_size=4"],
+           rf"image {bad} cannot be decoded")
+
+
+# -- 2. resume: refusals name what changed and change nothing ---------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, trained_tiny):
+    """A finished block-wise tiny run (10 units); tests copy it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    res = pipeline.run(tiny_cfg(run_dir, "packing=block", "recon.iters=5"))
+    return run_dir, res
+
+
+def _copy(finished_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(finished_run[0], dst)
+    return dst
+
+
+def _mtimes(d: Path) -> dict:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in d.iterdir() if p.is_file()}
+
+
+RESUME_BEFORE = [
+    (["quant.w_bits=3"], r"different config: quant.w_bits \(4 -> 3\)", False),
+    (["quant.w_bits=3"], r"fp.json from another run", True),  # fingerprint.json deleted: the artifacts refuse
+    (["trainer.precision=bf16-mixed"], r"trainer.precision \(32-true -> bf16-mixed\)", False),
+    (["data.calib_size=32"], r"data.calib_size \(64 -> 32\)", False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,match,drop_fp", RESUME_BEFORE, ids=[f"{o[0]}-drop{d}" for o, _, d in RESUME_BEFORE])
+def test_resume_refusal_names_the_change_and_changes_nothing(overrides, match, drop_fp, finished_run, tmp_path,
+                                                             no_heavy_compute):
+    run_dir = _copy(finished_run, tmp_path)
+    if drop_fp:
+        (run_dir / "fingerprint.json").unlink()
+    before = _mtimes(run_dir)
+    refuse(run_dir, ["packing=block", "recon.iters=5", *overrides], match)
+    assert _mtimes(run_dir) == before  # nothing written, nothing touched
+
+
+@pytest.mark.slow
+def test_resume_ignores_what_does_not_change_results(finished_run, tmp_path, monkeypatch):
+    """data.num_workers and the logger stay outside the fingerprint: the run resumes without
+    training; the results carry the first process's times plus this one's, and the fitted losses."""
+    run_dir = _copy(finished_run, tmp_path)
+    monkeypatch.setattr(fp, "_train", lambda *a, **k: pytest.fail("trained an FP model"))
+    first = json.loads((run_dir / "results.json").read_text())
+    res = pipeline.run(tiny_cfg(run_dir, "packing=block", "recon.iters=5", "data.num_workers=0", "logger=none"))
+    assert res["quant_top1"] == first["quant_top1"] and res["recon_loss"] == first["recon_loss"]
+    assert res["recon_loss"] and all(res["time_s"][k] >= first["time_s"][k] for k in first["time_s"])
+    assert res["time_s"]["recon"] >= first["time_s"]["recon"] > 0
+    assert res["time_s"]["calibrate"] > first["time_s"]["calibrate"]  # this process calibrated again
+
+
+@pytest.mark.slow
+def test_swapped_unit_files_are_refused(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    a, b = run_dir / "unit_03.pt", run_dir / "unit_04.pt"
+    tmp = run_dir / "swap"
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    msg = refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit_03.pt holds unit pack_03 .* not pack_02")
+    assert "mixes unit files" in msg
+
+
+@pytest.mark.slow
+def test_unit_file_of_another_run_is_refused(finished_run, tmp_path, trained_tiny):
+    """Another run (other seed) in another directory; its unit_02.pt copied in: refused by the
+    fingerprint it records, even with fingerprint.json gone."""
+    other = tmp_path / "other"
+    pipeline.run(tiny_cfg(other, "packing=block", "recon.iters=5", "seed=1"))
+    run_dir = _copy(finished_run, tmp_path)
+    for name in ("unit_02.pt",):
+        shutil.copy(other / name, run_dir / name)
+    for p in run_dir.glob("unit_0[3-9].*"):
+        p.unlink()
+    (run_dir / "results.json").unlink()
+    (run_dir / "fingerprint.json").unlink()
+    refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit_02.pt was produced by another run")
+
+
+# -- 3. faults during compute ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_nonfinite_unit_loss_stops_naming_unit_and_step(tmp_path, trained_tiny, monkeypatch):
+    from packptq.recon import unit as unit_mod
+
+    step_loss = unit_mod.UnitReconstruction.step_loss
+
+    def poisoned(self, batch, step):
+        rec, loss = step_loss(self, batch, step)
+        if self.key == "pack_02" and step >= 3:
+            rec, loss = rec * float("nan"), loss * float("nan")
+        return rec, loss
+
+    monkeypatch.setattr(unit_mod.UnitReconstruction, "step_loss", poisoned)
+    run_dir = tmp_path / "run"
+    refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit pack_02 diverged: loss nan at step 3 of 5")
+    assert sorted(p.name for p in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt", "unit_02.pt"]
+
+
+def test_fp_model_near_chance_is_refused_before_quantizing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp, "obtain", lambda model, *a, **k: model.eval())  # the untrained network
+    calls = []
+    monkeypatch.setattr(pipeline, "calibrate_twins", lambda *a, **k: calls.append(1))
+    refuse(tmp_path / "run", [], r"FP model's top-1 is .* near chance \(10.00% for 10 classes\)")
+    assert not calls
+
+
+def test_near_chance_given_weights_warn(capsys):
+    fp.check_not_chance(9.0, 10, trained_here=False, where=None)
+    assert "packptq: warning: the FP model's top-1 is 9.00%" in capsys.readouterr().err
+    fp.check_not_chance(50.0, 10, trained_here=True, where="x")  # well above chance: silent
+    with pytest.raises(ConfigError, match="delete x to retrain"):
+        fp.check_not_chance(9.0, 10, trained_here=True, where="x")
+
+
+# -- 4. the FP cache: content key, settings that matter, one training per entry -----------------
+def _npz_dm(path: Path, seed: int = 0, **kw):
+    from packptq.data import build_datamodule
+
+    return build_datamodule({"name": "npz", "path": str(path), "n_test": 10, "calib_size": 8, "seed": 0,
+                             "calib_seed": seed, **kw})
+
+
+def test_fp_cache_key_follows_content_not_location_or_eval_batch(tmp_path):
+    from packptq.config import typed
+    from packptq.zoo.build import ModelConfig
+
+    mcfg = typed(ModelConfig, {"name": "resnet18"}, "model")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 1, 8, 8)).astype(np.float32)
+    y = np.arange(40) % 4
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    key = lambda dm, **t: fp.cache_path(mcfg, dm, tmp_path, t).name  # noqa: E731
+    k0 = key(_npz_dm(tmp_path / "a.npz"))
+    shutil.copy(tmp_path / "a.npz", tmp_path / "moved.npz")
+    assert key(_npz_dm(tmp_path / "moved.npz")) == k0  # a moved file keeps its model
+    assert key(_npz_dm(tmp_path / "a.npz", batch_size=7, num_workers=3)) == k0  # serving settings
+    assert key(_npz_dm(tmp_path / "a.npz"), precision="bf16-mixed") != k0  # training precision
+    x[0, 0, 0, 0] += 1.0
+    np.savez(tmp_path / "a.npz", x=x, y=y)  # rewritten in place
+    assert key(_npz_dm(tmp_path / "a.npz")) != k0
+
+
+def test_npz_calib_array_draw_follows_the_run_seed(tmp_path):
+    x = np.zeros((60, 1, 4, 4), np.float32)
+    np.savez(tmp_path / "c.npz", x=x, y=np.arange(60) % 3, train=np.arange(50), test=np.arange(50, 60),
+             calib=np.arange(0, 40, dtype=np.int64))
+    draws = {tuple(_npz_dm(tmp_path / "c.npz", seed=s, n_test=10).calib_indices().tolist()) for s in range(3)}
+    assert len(draws) == 3
+
+
+def test_concurrent_jobs_train_one_fp_model_once(tmp_path, trained_tiny, monkeypatch):
+    """Two jobs asking for the same missing cache entry at once: one trains (under the lock),
+    the other waits and loads what it wrote."""
+    model0, dm, cfg = trained_tiny
+    from packptq.config import typed
+    from packptq.zoo.build import ModelConfig
+
+    mcfg = typed(ModelConfig, cfg.model, "model")
+    trained = []
+
+    def fake_train(model, *a, **k):
+        trained.append(threading.get_ident())
+        time.sleep(0.5)
+        model.load_state_dict(model0.state_dict())
+
+    monkeypatch.setattr(fp, "_train", fake_train)
+    import copy
+
+    out = {}
+
+    def job(i):
+        out[i] = fp.train_or_load(copy.deepcopy(model0), dm, mcfg, dm.cfg, tmp_path, {})
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(trained) == 1 and out[0][1] == out[1][1]
+    assert sorted(p.name for p in (tmp_path / "fp").iterdir() if not p.name.endswith(".lock")) == \
+        [Path(out[0][1]).name]  # no temp file left behind
+
+
+# -- 5. the command line: exit code 2, one line, no traceback -----------------------------------------
+def _cli(tmp_path, *args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PACKPTQ_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "packptq", *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _tiny_args(run_dir, *extra):
+    return [o for o in tiny_overrides(run_dir, *extra) if not o.startswith("run_dir=")] + [f"hydra.run.dir={run_dir}"]
+
+
+CLI = [
+    (["seed=-1"], "seed must be an integer"),
+    (["data.name=cifar99"], "unknown data.name 'cifar99'; known:"),
+    (["hydra.run.dir=FILE/run"], "run directory"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,match", CLI, ids=[c[0][0] for c in CLI])
+def test_cli_bad_input_is_one_line_exit_2(extra, match, tmp_path):
+    run_dir = tmp_path / "run"
+    p = _cli(tmp_path, *_tiny_args(run_dir), *_expand(extra, tmp_path))
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr + p.stdout
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("packptq: error: ")]
+    assert len(errors) == 1 and match in errors[0], p.stderr[-2000:]
+    assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_traceback_only_with_hydra_full_error(tmp_path):
+    p = _cli(tmp_path, *_tiny_args(tmp_path / "run"), "seed=-1", env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert p.returncode != 0 and "Traceback" in p.stderr and "seed must be an integer" in p.stderr
+
+
+@pytest.mark.slow
+def test_cli_refused_resume_keeps_the_old_hydra_config(tmp_path):
+    """An existing run directory whose fingerprint differs: the refusal is one line and the
+    old run's .hydra/*.yaml are as they were (Hydra writes them before packptq runs)."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("old: config\n")
+    (run_dir / "fingerprint.json").write_text(json.dumps({"config": "0", "calibration": "0", "items": {}}))
+    p = _cli(tmp_path, *_tiny_args(run_dir))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "holds a run with a different config" in p.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "old: config\n"
+
+
+@pytest.mark.slow
+def test_cli_sweep_with_one_bad_job_runs_the_others(tmp_path, trained_tiny):
+    sweep = tmp_path / "sweep"
+    args = [o for o in tiny_overrides(tmp_path / "unused") if not o.startswith("run_dir=")]
+    p = _cli(tmp_path, "-m", *args, "packing=none", "seed=0,-1", f"hydra.sweep.dir={sweep}")
+    assert "Traceback" not in p.stderr + p.stdout, p.stderr[-3000:]
+    assert p.returncode == 2
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("packptq: error")]
+    assert len(errors) == 2 and "(job 1: " in errors[0] and "seed must be an integer" in errors[0]
+    assert "1 sweep job(s) failed" in errors[1]
+    assert (sweep / "0" / "results.json").exists() and not (sweep / "1" / "results.json").exists()
+    assert "seed must be" in (sweep / "1" / "error.txt").read_text()
+
+
+#: the faulty inputs of this module, by where they stop (experiments/results/faults.md); the other
+#: tests here check behaviour that is not a fault (what the FP cache and the fingerprint follow)
+CATALOGUE = {
+    # BEFORE, the corrupt image, RESUME_BEFORE, CLI, the refused resume on the command line, the
+    # bad job of a sweep (refused before its own compute)
+    "before": len(BEFORE) + 1 + len(RESUME_BEFORE) + len(CLI) + 1 + 1,
+    # swapped unit files, a unit file of another run, a non-finite unit loss (after calibration
+    # and the finished units), an FP model near chance (after its evaluation, before quantizing)
+    "after": 4,
+}
+
+
+def test_catalogue_counts():
+    assert CATALOGUE == {"before": 35, "after": 4}
