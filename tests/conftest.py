@@ -23,6 +23,7 @@ TINY = (
     "data=digits",
     "data.calib_size=64",
     "model=resnet18",
+    "quant=w4a4",
     "+model.kwargs.channels=[8,16,32,64]",
     "model.train_epochs=4",
     "recon.iters=20",
