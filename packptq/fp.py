@@ -30,7 +30,7 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, _):
         x, y = batch
         loss = F.cross_entropy(self.model(x), y, label_smoothing=0.1)
-        self.log("fp/train_loss", loss, prog_bar=True)
+        self.log("fp/train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def configure_optimizers(self):
@@ -75,7 +75,8 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     loader = torch.utils.data.DataLoader(dm.train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
                                          generator=g, num_workers=dm.cfg.num_workers, drop_last=True)
     module = Classifier(model, model_cfg.train_lr, model_cfg.train_wd, model_cfg.train_epochs, len(loader))
-    kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False)
+    kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False,
+              log_every_n_steps=max(1, min(50, len(loader) // 4)))  # a curve even for short epochs
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
@@ -119,9 +120,11 @@ def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Sp
     return s
 
 
-def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict) -> nn.Module:
+def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict,
+           logger=None) -> nn.Module:
     """The FP weights: trained (or read from the cache) when the model needs training, else the
-    model as built (checkpoint or library weights already loaded)."""
+    model as built (checkpoint or library weights already loaded). ``logger`` (a Lightning
+    logger) receives the training curve."""
     if trains(model_cfg):
-        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs)
+        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs, logger)
     return model.eval()

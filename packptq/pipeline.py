@@ -57,7 +57,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
             mp_plan.check_feasible(model, split)
         resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp.identity(mcfg, dm.cfg)}, VOLATILE),
                            dm.fingerprint())
-        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw).to(device)
+        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger).to(device)
 
         def fp_eval() -> dict:
             preds, labels = predict(model, dm.test_dataloader(), device)
@@ -132,7 +132,9 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     rd.write_json("results.json", results)
     log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"],
                          "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
-                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"]})
+                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"],
+                         **{f"time/{k}_s": v for k, v in timer.times.items()},
+                         **{f"recon_loss/{k}": v[-1] for k, v in unit_losses.items() if v}})
     print_table(results)
     return results
 
