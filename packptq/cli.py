@@ -141,6 +141,11 @@ def main() -> None:
 
 
 def report_main(argv=None) -> None:
-    from packptq import report
+    try:
+        from packptq import report
+    except ImportError as exc:  # pandas / matplotlib are the `report` extra
+        print(f"packptq-report: error: {exc.name or exc} is not installed; "
+              'install the report extra: pip install "packptq[report]"', file=sys.stderr)
+        sys.exit(2)
 
     sys.exit(report.main(argv))

@@ -115,3 +115,75 @@ def test_wandb_failed_run_has_exit_code_and_resume_continues_it(tmp_path, monkey
     assert resumed["summary"]["quant_top1"] == pytest.approx(results["quant_top1"])
     assert "time/recon_s" in resumed["summary"]
     assert any(k.startswith("recon/") for k in resumed["history_keys"])  # per-unit losses
+
+
+# --------------------------------------------------------------------------- SLURM
+def slurm_sweep(tmp_path, monkeypatch, preempt_glob: str, *overrides: str):
+    """``python -m packptq -m hydra/launcher=slurm ...`` (TINY setting) through the stand-in
+    SLURM commands; returns (completed process, sweep dir, stand-in state dir)."""
+    import slurm_standin
+
+    state = tmp_path / "slurm"
+    slurm_standin.install(tmp_path / "bin", state, sys.executable)
+    sweep = tmp_path / "multirun"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "STANDIN_PREEMPT_GLOB": preempt_glob,
+           "PACKPTQ_CONFIG_DIR": str(tmp_path / "user-config")}
+    site = tmp_path / "user-config" / "local"
+    site.mkdir(parents=True)
+    (site / "slurm.yaml").write_text("partition: standin\naccount: proj1\n")
+    cmd = [sys.executable, "-m", "packptq", "-m", "hydra/launcher=slurm", *TINY,
+           f"hydra.sweep.dir={sweep}", f"hydra.launcher.submitit_folder={sweep}/.submitit/%j",
+           "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=1", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    return proc, sweep, state
+
+
+@pytest.mark.slow
+def test_slurm_sweep_submits_requeues_preempted_job_and_collects(tmp_path, monkeypatch):
+    """Submit -> run -> collect through sbatch/srun/sacct stand-ins: a two-job array named
+    packptq with the user config's site values; job 0 is signalled once it has written rtn.json
+    (preemption), requeued by submitit (scontrol requeue), resumes in the same run directory and
+    continues the same W&B run; the sweep ends with both results collected."""
+    from packptq import cli, report
+
+    proc, sweep, state = slurm_sweep(tmp_path, monkeypatch, str(tmp_path / "multirun" / "0" / "rtn.json"),
+                                     "logger=wandb", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = (state / "calls.log").read_text().splitlines()
+    assert calls[0].startswith("sbatch 1000 tasks=2 job-name=packptq")
+    assert "scontrol requeue 1000_0" in calls and "requeued 1000_0" in calls
+    assert {"finished 1000_0 code=0", "finished 1000_1 code=0"} <= set(calls)
+    script = (sweep / ".submitit" / "1000" / "1000_submission.sh").read_text()
+    for line in ("#SBATCH --partition=standin", "#SBATCH --account=proj1", "#SBATCH --job-name=packptq",
+                 "export PACKPTQ_THREADS=$SLURM_CPUS_PER_TASK OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK "
+                 "MKL_NUM_THREADS=$SLURM_CPUS_PER_TASK"):
+        assert line in script
+    log = (sweep / ".submitit" / "1000_0" / "1000_0_0_log.err").read_text()
+    assert "this job is preempted" in log
+    out = (sweep / ".submitit" / "1000_0" / "1000_0_0_log.out").read_text()
+    assert "resuming run dir" in out  # the requeued job found the first attempt's artifacts
+
+    df = report.collect([sweep])
+    assert sorted(df.seed) == [0, 1]
+    assert sorted(Path(p).name for p in df.run_dir) == ["0", "1"]  # no third run directory
+    attempts = read_wandb_run(sweep / "0")
+    assert len(attempts) == 2 and {a["id"] for a in attempts} == {cli.wandb_run_id(str(sweep / "0"))}
+    assert attempts[-1]["exit_code"] == 0 and "quant_top1" in attempts[-1]["summary"]
+    assert len(read_wandb_run(sweep / "1")) == 1
+
+
+@pytest.mark.slow
+def test_slurm_job_at_time_limit_is_requeued_up_to_max_num_timeout(tmp_path, monkeypatch):
+    """With timeout_min=1 submitit takes SLURM's warning signal as the time limit: the job is
+    requeued while max_num_timeout allows (here once) and then finishes."""
+    proc, sweep, state = slurm_sweep(tmp_path, monkeypatch, str(tmp_path / "multirun" / "0" / "rtn.json"),
+                                     "logger=none", "seed=0", "hydra.launcher.timeout_min=1",
+                                     "hydra.launcher.max_num_timeout=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = (state / "calls.log").read_text().splitlines()
+    assert "requeued 1000" in calls or "requeued 1000_0" in calls, calls
+    err = next((sweep / ".submitit").glob("1000*/*_log.err")).read_text()
+    assert "this job is timed-out" in err
+    assert (sweep / "0" / "results.json").is_file()
