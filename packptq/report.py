@@ -323,6 +323,10 @@ def plot_top1_by_setting(summary: pd.DataFrame):
         ax.scatter(x, summary["fp_top1_mean"], marker="_", s=600, color="black", label="FP", zorder=3)
     ax.set_xticks(x, labels, rotation=20 if len(x) > 3 else 0, ha="right" if len(x) > 3 else "center", fontsize=8)
     ax.set_ylabel("top-1 (%)")
+    low = np.nanmin([summary[c].min() for c in ("rtn_top1_mean", "quant_top1_mean", "fp_top1_mean")
+                     if c in summary] or [0.0])
+    if np.isfinite(low):  # the differences, not the distance from 0
+        ax.set_ylim(bottom=max(0.0, float(low) - 5.0))
     ax.set_title(plot_title(summary) + (f": by {', '.join(keys)}" if keys else ""), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
@@ -330,23 +334,26 @@ def plot_top1_by_setting(summary: pd.DataFrame):
 
 
 def plot_recon_loss(df: pd.DataFrame):
-    """Final reconstruction loss per unit (log scale), mean over the seeds of each setting,
-    one line per setting. Returns the Figure, or None when no run has ``recon_loss``."""
+    """Final reconstruction loss per unit (log scale), mean over the seeds of each setting
+    that have the unit (packs can differ between seeds), one line per setting. Returns the Figure, or None when no run has ``recon_loss``."""
     if "recon_loss" not in df.columns or df["recon_loss"].isna().all():
         return None
     runs = df.dropna(subset=["recon_loss"])
     keys = _varying(runs, [*CONFIG_COLUMNS, *override_columns(runs)])
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
+    every = {u for v in runs["recon_loss"] for u in json.loads(v)}
+    # units in run order: prefix, then the packs / blocks / layers, then suffix
+    units = sorted(every, key=lambda u: (u.startswith("suffix"), not u.startswith("prefix"), u))
     groups = runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]
     for key, g in groups:
         per_run = [json.loads(v) for v in g["recon_loss"]]
-        units = list(per_run[0])
-        mean = [np.mean([r[u] for r in per_run if u in r]) for u in units]
+        mean = [np.mean([r[u] for r in per_run if u in r]) if any(u in r for r in per_run) else np.nan
+                for u in units]
         key = key if isinstance(key, tuple) else (key,)
         label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in zip(keys, key)) or "all runs"
         ax.plot(range(len(units)), mean, marker="o", label=f"{label} ({len(g)} run{'s' * (len(g) > 1)})")
-        ax.set_xticks(range(len(units)), units, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(units)), units, rotation=45, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("reconstruction unit")
     ax.set_ylabel("final reconstruction loss")
