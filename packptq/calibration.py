@@ -14,7 +14,7 @@ from packptq.zoo import split_model
 
 
 def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: torch.Tensor, seed: int,
-                    batch_size: int, device: torch.device) -> Twins:
+                    batch_size: int, device: torch.device, progress: bool = False) -> Twins:
     """The quantized copy of ``model`` (on ``device``, ``family`` its split rule) calibrated on
     ``x_cal`` [n, ...] in batches of ``batch_size``, with its FP reference; ``model`` itself is
     left as it was. ``seed`` fixes the activation samples the range search sees."""
@@ -25,6 +25,6 @@ def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: tor
     quantize_model(qmodel, qcfg, example)
     qsplit, fsplit = split_model(qmodel, family), split_model(fp, family)
     torch.manual_seed(seed)
-    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range)
+    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range, progress=progress)
     prefix_layers, block_layers, suffix_layers = layer_groups(qmodel, qsplit, example)
     return Twins(qmodel, fp, qsplit, fsplit, prefix_layers, block_layers, suffix_layers, device)

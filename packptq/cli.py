@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -70,7 +72,47 @@ def make_logger(cfg: DictConfig, overrides, sweep_dir: Optional[str]):
     return logger
 
 
+class _Tee:
+    """A text stream writing to ``stream`` and to ``copy``."""
+
+    def __init__(self, stream, copy) -> None:
+        self._stream, self._copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self._copy.write(text)
+        self._copy.flush()
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def console_copy(run_dir: str):
+    """Everything printed to stdout and stderr (tables, progress bars, errors) also goes to
+    ``packptq.log`` in the run directory (appended: a resumed run adds to it)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "packptq.log"), "a", encoding="utf-8") as f:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc(file=f)
+            raise
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
 def run_with_logging(cfg: DictConfig, overrides=(), sweep_dir: Optional[str] = None) -> dict:
+    with console_copy(str(cfg.run_dir)):
+        return _run_with_logging(cfg, overrides, sweep_dir)
+
+
+def _run_with_logging(cfg: DictConfig, overrides=(), sweep_dir: Optional[str] = None) -> dict:
     """``pipeline.run`` with the logger around it. A W&B run ends with exit code 0 when the
     job succeeds and 1 when it raises (the exception is re-raised)."""
     from packptq import pipeline

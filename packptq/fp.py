@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from packptq.artifacts import file_digest
-from packptq.runtime import TRAINER_DEFAULTS
+from tqdm.auto import tqdm
+
+from packptq.runtime import TRAINER_DEFAULTS, step_bar
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 from packptq.zoo.split import Split
@@ -59,8 +61,10 @@ def fp_cache_key(model_cfg, data_cfg) -> str:
 
 
 def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
-                  trainer_kwargs: Optional[dict] = None, logger=None) -> Tuple[nn.Module, str]:
-    """Return the trained FP model and where its weights live (cached .pt)."""
+                  trainer_kwargs: Optional[dict] = None, logger=None,
+                  progress: bool = False) -> Tuple[nn.Module, str]:
+    """Return the trained FP model and where its weights live (cached .pt). With ``progress``,
+    one bar over every training step of every epoch (ETA for the whole training)."""
     path = Path(cache_dir) / "fp" / f"{fp_cache_key(model_cfg, data_cfg)}.pt"
     seed = data_cfg.seed
     if path.is_file():
@@ -79,8 +83,14 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
               log_every_n_steps=max(1, min(50, len(loader) // 4)))  # a curve even for short epochs
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
+    bar = tqdm(total=model_cfg.train_epochs * len(loader), desc=f"FP training, {model_cfg.train_epochs} epochs",
+               unit="step", dynamic_ncols=True) if progress else None
+    if bar is not None:
+        kw["callbacks"] = [*kw.get("callbacks", []), step_bar(bar)]
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
     L.Trainer(**kw).fit(module, train_dataloaders=loader)
+    if bar is not None:
+        bar.close()
     model.cpu().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -121,10 +131,11 @@ def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Sp
 
 
 def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict,
-           logger=None) -> nn.Module:
+           logger=None, progress: bool = False) -> nn.Module:
     """The FP weights: trained (or read from the cache) when the model needs training, else the
     model as built (checkpoint or library weights already loaded). ``logger`` (a Lightning
     logger) receives the training curve."""
     if trains(model_cfg):
-        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs, logger)
+        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs, logger,
+                                 progress)
     return model.eval()

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
             mp_plan.check_feasible(model, split)
         resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp.identity(mcfg, dm.cfg)}, VOLATILE),
                            dm.fingerprint())
-        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger).to(device)
+        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger, progress).to(device)
 
         def fp_eval() -> dict:
             preds, labels = predict(model, dm.test_dataloader(), device)
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
 
     num_classes = dm.meta()["num_classes"]
     with timer.phase("calibrate"):
-        twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device)
+        twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device, progress)
         del model, split  # the unfolded FP network: the twins are what the phases below use
         rtn = rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
                                                           fp_preds, num_classes))

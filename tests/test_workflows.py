@@ -187,3 +187,22 @@ def test_slurm_job_at_time_limit_is_requeued_up_to_max_num_timeout(tmp_path, mon
     err = next((sweep / ".submitit").glob("1000*/*_log.err")).read_text()
     assert "this job is timed-out" in err
     assert (sweep / "0" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_progress_weighted_by_steps_and_console_saved(tmp_path, trained_tiny):
+    """With progress on, the reconstruction bar counts optimisation steps (its total is the sum
+    of every unit's steps, not the unit count), FP-training and calibration bars show too, and
+    the console output is also in the run directory's packptq.log."""
+    from packptq import cli
+
+    run_dir = tmp_path / "run"
+    results = cli.run_with_logging(tiny_cfg(run_dir, "progress=true"), ["progress=true"])
+    steps = sum(len(json.loads((run_dir / f"unit_{i:02d}.json").read_text())["loss"])
+                for i in range(len(results["unit_keys"])))
+    assert steps > len(results["unit_keys"])
+    log = (run_dir / "packptq.log").read_text().replace("\r", "\n")
+    assert f"reconstruct {len(results['unit_keys'])} units: 100%" in log
+    assert f"| {steps}/{steps} [" in log
+    assert "calibrate" in log
+    assert "quantized top-1" in log  # the printed results table
