@@ -192,9 +192,11 @@ class ReconSequence:
                                   self._bar if self.progress else None)
             del cache
             module.to(self.twins.device)
-            rd.save_pt(name, unit_state(module))
-            # every step's loss: results.json of a resumed run reports them as a fresh run does
+            # every step's loss: results.json of a resumed run reports them as a fresh run does.
+            # Written before unit_XX.pt, which marks the unit done: a run killed between the two
+            # refits the unit instead of resuming without its losses.
             rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls})
+            rd.save_pt(name, unit_state(module))
             self.losses[u.key] = ls
         self._step_offset += ucfg.iters
         self._bar.update(done + ucfg.iters - self._bar.n)  # a loaded unit, or one stopped early
