@@ -15,7 +15,7 @@ from packptq.zoo import split_model
 
 
 def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: torch.Tensor, seed: int,
-                    batch_size: int, device: torch.device) -> Twins:
+                    batch_size: int, device: torch.device, progress: bool = False) -> Twins:
     """The quantized copy of ``model`` (on ``device``, ``family`` its split rule) calibrated on
     ``x_cal`` [n, ...] in batches of ``batch_size``, with its FP reference; ``model`` itself is
     left as it was. ``seed`` fixes the activation samples the range search sees."""
@@ -26,7 +26,7 @@ def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: tor
     quantize_model(qmodel, qcfg, example)
     qsplit, fsplit = split_model(qmodel, family), split_model(fp, family)
     torch.manual_seed(seed)
-    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range)
+    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range, progress=progress)
     # the LayerNorm fold of quant.ln_reparam changes the coordinates of the folded Linears'
     # inputs (block outputs are unchanged): the FP reference takes the same fold, so a layer
     # unit mixes (QDrop) and compares inputs in one coordinate system

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from packptq.artifacts import file_digest
+from tqdm.auto import tqdm
+
 from packptq.config import ConfigError
-from packptq.runtime import TRAINER_DEFAULTS
+from packptq.runtime import TRAINER_DEFAULTS, step_bar
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 from packptq.zoo.split import Split
@@ -37,7 +39,7 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, _):
         x, y = batch
         loss = F.cross_entropy(self.model(x), y, label_smoothing=0.1)
-        self.log("fp/train_loss", loss, prog_bar=True)
+        self.log("fp/train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
     def configure_optimizers(self):
@@ -134,9 +136,12 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
 
 
 def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
-                  trainer_kwargs: Optional[dict] = None, logger=None) -> Tuple[nn.Module, str]:
+                  trainer_kwargs: Optional[dict] = None, logger=None,
+                  progress: bool = False) -> Tuple[nn.Module, str]:
     """Return the trained FP model and where its weights live (cached .pt). Concurrent callers
-    for one cache entry train it once: the first holds a lock while the others wait, then load."""
+    for one cache entry train it once: the first holds a lock while the others wait, then load.
+    With ``progress``, one bar over every training step of every epoch (ETA for the whole
+    training)."""
     dm.setup()
     path = cache_path(model_cfg, dm, cache_dir, trainer_kwargs)
     if _load_cached(model, path):
@@ -163,12 +168,19 @@ def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwarg
     loader = torch.utils.data.DataLoader(train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
                                          generator=g, num_workers=dm.cfg.num_workers, drop_last=True)
     module = Classifier(model, model_cfg.train_lr, model_cfg.train_wd, model_cfg.train_epochs, len(loader))
-    kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False)
+    kw = dict(TRAINER_DEFAULTS, logger=logger if logger is not None else False,
+              log_every_n_steps=max(1, min(50, len(loader) // 4)))  # a curve even for short epochs
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
     print(f"[packptq] training the FP model: {model_cfg.train_epochs} epochs of {steps} steps")
+    bar = tqdm(total=model_cfg.train_epochs * len(loader), desc=f"FP training, {model_cfg.train_epochs} epochs",
+               unit="step", dynamic_ncols=True) if progress else None
+    if bar is not None:
+        kw["callbacks"] = [*kw.get("callbacks", []), step_bar(bar)]
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
     L.Trainer(**kw).fit(module, train_dataloaders=loader)
+    if bar is not None:
+        bar.close()
     model.cpu().eval()
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -220,9 +232,12 @@ def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Sp
     return s
 
 
-def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict) -> nn.Module:
+def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict,
+           logger=None, progress: bool = False) -> nn.Module:
     """The FP weights: trained (or read from the cache) when the model needs training, else the
-    model as built (checkpoint or library weights already loaded)."""
+    model as built (checkpoint or library weights already loaded). ``logger`` (a Lightning
+    logger) receives the training curve."""
     if trains(model_cfg):
-        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs)
+        model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs, logger,
+                                 progress)
     return model.eval()

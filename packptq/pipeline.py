@@ -91,7 +91,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         if fp.trains(mcfg) and not fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).is_file():
             fp.check_trainable(mcfg, dm)  # before any training: zero steps, an unwritable cache
             fp.check_writable(fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).parent)
-        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw).to(device)
+        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger, progress).to(device)
 
         def fp_eval() -> dict:
             preds, labels = predict(model, dm.test_dataloader(), device)
@@ -107,7 +107,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
           f"({'resuming ' if resumed else ''}run dir {rd.path})")
 
     with timer.phase("calibrate"):
-        twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device)
+        twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device, progress)
         del model, split  # the unfolded FP network: the twins are what the phases below use
         rtn = rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
                                                           fp_preds, num_classes, val_loader))
@@ -170,7 +170,9 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     rd.write_json("results.json", results)
     log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"], "eval/val_top1": final["val_top1"],
                          "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
-                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"]})
+                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"],
+                         **{f"time/{k}_s": v for k, v in timer.times.items()},
+                         **{f"recon_loss/{k}": v[-1] for k, v in unit_losses.items() if v}})
     print_table(results)
     return results
 

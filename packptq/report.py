@@ -51,7 +51,36 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
 DERIVED_METRICS = ("n_packs", "time_total_s")
 METRICS = tuple(METRIC_COLUMNS) + DERIVED_METRICS
 # Per-run columns that are neither grouped on nor averaged.
-RUN_COLUMNS = ("run_dir", "overrides", "bits", "pack_sizes")
+RUN_COLUMNS = ("run_dir", "overrides", "bits", "pack_sizes", "recon_loss")
+# Override keys that never make a row of their own: they do not change results.
+IGNORED_OVERRIDES = ("seed", "logger", "threads", "progress", "run_dir", "cache_dir", "experiment",
+                     "trainer", "hydra")
+_FIXED = set(CONFIG_COLUMNS) | {"seed"} | set(METRICS) | set(RUN_COLUMNS)
+
+
+def override_columns(df: pd.DataFrame) -> list[str]:
+    """The columns ``collect`` made from Hydra overrides (``data.calib_size``, ``quant``, ...)."""
+    stats = {f"{m}_{stat}" for m in METRICS for stat in ("mean", "std")} | {"n_seeds"}
+    return [c for c in df.columns if c not in _FIXED | stats and not str(c).startswith("_")]
+
+
+def _parse_overrides(overrides: Any) -> dict[str, Any]:
+    """``["data.calib_size=16", "+model.kwargs.x=1"]`` -> ``{"data.calib_size": 16, ...}``,
+    numbers as numbers; keys in IGNORED_OVERRIDES left out."""
+    out: dict[str, Any] = {}
+    for item in overrides if isinstance(overrides, list) else []:
+        key, sep, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not sep or key in _FIXED or key.split(".")[0].split("/")[0] in IGNORED_OVERRIDES:
+            continue
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
 
 # How each metric appears in the markdown table: (header, scale, decimals).
 _DISPLAY: dict[str, tuple[str, float, int]] = {
@@ -109,7 +138,11 @@ def _row(record: dict, path: Path) -> dict[str, Any]:
     row["pack_sizes"] = (
         json.dumps([len(p) for p in packs]) if isinstance(packs, list) and packs else np.nan
     )
+    losses = record.get("recon_loss")
+    row["recon_loss"] = (json.dumps({k: v[-1] for k, v in losses.items() if v})
+                         if isinstance(losses, dict) and losses else np.nan)
     overrides = record.get("overrides")
+    row.update(_parse_overrides(overrides))
     row["overrides"] = " ".join(map(str, overrides)) if isinstance(overrides, list) else ""
     # Where the file is now, not where it was written: run directories get moved.
     row["run_dir"] = str(path.parent)
@@ -138,7 +171,8 @@ def collect(paths: Sequence[str | Path]) -> pd.DataFrame:
     if not rows:
         where = ", ".join(str(p) for p in paths) or "(no paths given)"
         raise FileNotFoundError(f"no readable {RESULTS_FILE} under {where}")
-    columns = [*CONFIG_COLUMNS, "seed", *METRICS, *RUN_COLUMNS]
+    extra = sorted({k for r in rows for k in r} - _FIXED)
+    columns = [*CONFIG_COLUMNS, *extra, "seed", *METRICS, *RUN_COLUMNS]
     df = pd.DataFrame(rows, columns=columns)
     for name in METRICS:
         df[name] = pd.to_numeric(df[name], errors="coerce")
@@ -149,12 +183,18 @@ def collect(paths: Sequence[str | Path]) -> pd.DataFrame:
 def summarize(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and sample standard deviation (ddof=1) of each metric over seeds.
 
-    Groups by ``by`` (default: every config column present in ``df``); missing values are a
+    Groups by ``by`` (default: every config column and every override column present in
+    ``df``, so each setting a sweep varies is a row of its own); missing values are a
     group of their own. Output columns: the group columns, ``n_seeds``, then
     ``<metric>_mean`` and ``<metric>_std`` per metric (std is NaN for a single seed).
     A group that holds the same seed twice means runs differing in a setting that is not a
     column; that is warned about, since its spread is then not a seed spread."""
-    by = [c for c in (CONFIG_COLUMNS if by is None else by) if c in df.columns]
+    if by is None:
+        by = [*CONFIG_COLUMNS, *override_columns(df)]
+    missing = [c for c in by if c not in df.columns]
+    if missing:
+        raise KeyError(f"no column {missing} to group by; columns: {list(df.columns)}")
+    by = [c for c in by if c in df.columns]
     metrics = [m for m in METRICS if m in df.columns]
     if not by:  # one group of everything
         df = df.assign(_all="all")
@@ -182,8 +222,10 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
 def _fmt_value(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if float(v).is_integer() else f"{float(v):.4g}"
+    if isinstance(v, (np.integer, np.bool_)):
+        return str(v.item())
     return str(v)
 
 
@@ -202,7 +244,7 @@ def format_summary(summary: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]
     Config columns that are empty everywhere are dropped; with more than one row, config
     columns that are the same in every row are moved out into the returned ``constants``
     dict, so the table shows only what varies. Returns ``(table, constants)``."""
-    config = [c for c in summary.columns if c in CONFIG_COLUMNS]
+    config = [c for c in summary.columns if c in CONFIG_COLUMNS or c in override_columns(summary)]
     constants: dict[str, str] = {}
     shown = []
     for c in config:
@@ -242,6 +284,85 @@ def _label(values: Iterable[Any]) -> str:
     return " / ".join(_fmt_value(v) or "-" for v in values)
 
 
+def _distinct(frame: pd.DataFrame, col: str) -> str:
+    if col not in frame.columns:
+        return ""
+    return ", ".join(sorted({_fmt_value(v) for v in frame[col].dropna()}))
+
+
+def plot_title(frame: pd.DataFrame) -> str:
+    """``resnet18 on digits, W4A4`` from the model, data and bit columns of ``frame``."""
+    model, data = _distinct(frame, "model") or "?", _distinct(frame, "data") or "?"
+    w, a = _distinct(frame, "w_bits"), _distinct(frame, "a_bits")
+    bits = f", W{w or '?'}A{a or '?'}" if w or a else ""
+    return f"{model} on {data}{bits}"
+
+
+def _varying(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    return [c for c in columns if c in frame.columns and frame[c].nunique(dropna=False) > 1]
+
+
+def _setting_label(row: pd.Series, keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={_fmt_value(row[k])}" for k in keys) or "all runs"
+
+
+def plot_top1_by_setting(summary: pd.DataFrame):
+    """Top-1 (%) of each row of the summary (one setting of the varying columns): quantized
+    and RTN (initialisation only) as bars with the spread over seeds, FP as a marker. The
+    ablation view: readable whatever the bits. Returns the Figure."""
+    keys = _varying(summary, [*CONFIG_COLUMNS, *override_columns(summary)])
+    labels = [_setting_label(r, keys) for _, r in summary.iterrows()]
+    x = np.arange(len(summary))
+    fig = Figure(figsize=(max(5.0, 1.3 * len(x) + 2), 4.2), layout="constrained")
+    ax = fig.subplots()
+    for off, metric, name in ((-0.2, "rtn_top1", "RTN (init only)"), (0.2, "quant_top1", "reconstructed")):
+        if f"{metric}_mean" in summary:
+            ax.bar(x + off, summary[f"{metric}_mean"], width=0.4, label=name,
+                   yerr=summary[f"{metric}_std"].fillna(0), capsize=3)
+    if "fp_top1_mean" in summary:
+        ax.scatter(x, summary["fp_top1_mean"], marker="_", s=600, color="black", label="FP", zorder=3)
+    ax.set_xticks(x, labels, rotation=20 if len(x) > 3 else 0, ha="right" if len(x) > 3 else "center", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    low = np.nanmin([summary[c].min() for c in ("rtn_top1_mean", "quant_top1_mean", "fp_top1_mean")
+                     if c in summary] or [0.0])
+    if np.isfinite(low):  # the differences, not the distance from 0
+        ax.set_ylim(bottom=max(0.0, float(low) - 5.0))
+    ax.set_title(plot_title(summary) + (f": by {', '.join(keys)}" if keys else ""), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    return fig
+
+
+def plot_recon_loss(df: pd.DataFrame):
+    """Final reconstruction loss per unit (log scale), mean over the seeds of each setting
+    that have the unit (packs can differ between seeds), one line per setting. Returns the Figure, or None when no run has ``recon_loss``."""
+    if "recon_loss" not in df.columns or df["recon_loss"].isna().all():
+        return None
+    runs = df.dropna(subset=["recon_loss"])
+    keys = _varying(runs, [*CONFIG_COLUMNS, *override_columns(runs)])
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    every = {u for v in runs["recon_loss"] for u in json.loads(v)}
+    # units in run order: prefix, then the packs / blocks / layers, then suffix
+    units = sorted(every, key=lambda u: (u.startswith("suffix"), not u.startswith("prefix"), u))
+    groups = runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]
+    for key, g in groups:
+        per_run = [json.loads(v) for v in g["recon_loss"]]
+        mean = [np.mean([r[u] for r in per_run if u in r]) if any(u in r for r in per_run) else np.nan
+                for u in units]
+        key = key if isinstance(key, tuple) else (key,)
+        label = ", ".join(f"{k}={_fmt_value(v)}" for k, v in zip(keys, key)) or "all runs"
+        ax.plot(range(len(units)), mean, marker="o", label=f"{label} ({len(g)} run{'s' * (len(g) > 1)})")
+    ax.set_xticks(range(len(units)), units, rotation=45, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("reconstruction unit")
+    ax.set_ylabel("final reconstruction loss")
+    ax.set_title(plot_title(runs) + ": reconstruction loss per unit", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, framealpha=0.9)
+    return fig
+
+
 def plot_top1_vs_bits(summary: pd.DataFrame, ax=None):
     """Quantized top-1 (%) against achieved average weight bits, error bars over seeds.
 
@@ -277,9 +398,11 @@ def plot_top1_vs_bits(summary: pd.DataFrame, ax=None):
                         fontsize=7, color="grey", va="bottom")
     ax.set_xlabel("average weight bits")
     ax.set_ylabel("top-1 (%)")
+    ax.set_title(plot_title(summary), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, title=" / ".join(keys), title_fontsize=7)
+        ax.legend(fontsize=8, title=" / ".join(keys), title_fontsize=8, framealpha=0.9,
+                  loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
@@ -331,18 +454,22 @@ def plot_bits_per_pack(df: pd.DataFrame, max_panels: int = 12):
 
 
 # --------------------------------------------------------------------------- files
-def write_report(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md``,
-    ``top1_vs_bits.png`` and, when some run has a bit allocation, ``bits_per_pack.png``
-    into ``out_dir``. Returns {file name: path} of what was written."""
+def write_report(df: pd.DataFrame, out_dir: str | Path, by: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write ``results.csv`` (one row per run), ``summary.csv``, ``summary.md`` (rows grouped
+    by ``by``, default: every config and override column), ``top1_vs_bits.png``,
+    ``top1_by_setting.png``, ``recon_loss.png`` (when runs have per-unit losses) and, when some
+    run has a bit allocation, ``bits_per_pack.png`` into ``out_dir``. Returns {file name:
+    path} of what was written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(df)
+    summary = summarize(df, by)
     written = {name: out / name for name in ("results.csv", "summary.csv", "summary.md")}
     df.to_csv(written["results.csv"], index=False)
     summary.to_csv(written["summary.csv"], index=False)
     written["summary.md"].write_text(to_markdown(summary))
     figures = {"top1_vs_bits.png": plot_top1_vs_bits(summary),
+               "top1_by_setting.png": plot_top1_by_setting(summary),
+               "recon_loss.png": plot_recon_loss(df),
                "bits_per_pack.png": plot_bits_per_pack(df)}
     for name, fig in figures.items():
         if fig is not None:
@@ -367,6 +494,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run or multirun directory")
     parser.add_argument("--out", help="output directory (default: first DIR/report)")
+    parser.add_argument("--by", nargs="+", metavar="KEY",
+                        help="columns that make a row (default: every config column and every "
+                             "override that varies across the runs), e.g. --by data.calib_size")
     args = parser.parse_args(argv)
     try:
         df = collect(args.dirs)
@@ -374,7 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"packptq-report: {exc}") from None
     first = Path(args.dirs[0])
     out = Path(args.out) if args.out else (first.parent if first.is_file() else first) / "report"
-    written = write_report(df, out)
+    try:
+        written = write_report(df, out, args.by)
+    except KeyError as exc:
+        raise SystemExit(f"packptq-report: {exc.args[0]}") from None
     print(written["summary.md"].read_text())
     print(f"{len(df)} runs")
     for path in written.values():

@@ -20,6 +20,20 @@ TRAINER_DEFAULTS = dict(accelerator="auto", devices=1, enable_checkpointing=Fals
                         num_sanity_val_steps=0, limit_val_batches=0)
 
 
+def step_bar(bar):
+    """A Lightning callback advancing the tqdm ``bar`` by one per training step (so its ETA is
+    weighted by steps, whatever the phase or unit), or None without a bar."""
+    if bar is None:
+        return None
+    import lightning as L
+
+    class _StepBar(L.Callback):
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            bar.update(1)
+
+    return _StepBar()
+
+
 class Timer:
     """Wall time per phase, in seconds (a phase entered twice adds up). ``on_phase(times)`` is
     called after each phase that ends without an error (e.g. to persist the times)."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "packptq" / "conf"
 
 #: a pipeline run in seconds: resnet18 with 8..64 block channels on the 16x16 digits, 64 calibration
 #: images, 20 steps per unit. Four epochs (one FP training per session, cached) give a model

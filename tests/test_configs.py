@@ -131,7 +131,14 @@ def test_logger_options_instantiate(option, tmp_path):
         return
     assert isinstance(logger, Logger)
     if option == "wandb":
+        import wandb
+
         assert cfg.logger.offline is True  # never syncs unless asked
+        # make_logger starts the W&B run (in the run directory, id from it); end it here, or
+        # the next wandb.init in this process would return this run
+        assert wandb.run is not None and wandb.run.id == logger.version
+        assert Path(wandb.run.dir).is_relative_to(tmp_path)
+        wandb.finish()
     else:
         assert Path(logger.save_dir) == tmp_path  # logs go in the run directory
 

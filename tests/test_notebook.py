@@ -74,3 +74,17 @@ def test_notebook_runs(report_dir, kernel, monkeypatch):
     assert len(images) == 2  # top-1 vs bits, bits per pack
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
     assert any("±" in o["data"]["text/html"] for o in tables)
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_its_default_directory(kernel, monkeypatch):
+    """Without PACKPTQ_REPORT_DIR the notebook reads the committed ablation report
+    (experiments/results/calib_size), so it runs on a fresh clone."""
+    monkeypatch.delenv("PACKPTQ_REPORT_DIR", raising=False)
+    assert (NOTEBOOK.parent / ".." / "experiments" / "results" / "calib_size" / "summary.csv").is_file()
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=120,
+                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "4 runs in 2 configurations" in text

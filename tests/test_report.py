@@ -159,12 +159,57 @@ def test_single_seed_shows_mean_only(tmp_path):
     assert "| 70.00 |" in md and "±" not in md
 
 
+def test_rows_split_by_every_varying_override(tmp_path):
+    """A data.calib_size=16,64 sweep over two seeds: two rows (not one with a repeated-seed
+    warning), calib sizes printed as integers, --by chooses the rows, titles name the setting,
+    and a per-unit reconstruction loss plot."""
+    import warnings
+
+    for calib, seed, top1 in ((16, 0, 60.0), (16, 1, 62.0), (64, 0, 70.0), (64, 1, 71.5)):
+        rec = result(seed=seed, top1=top1)
+        rec["overrides"] = [f"data.calib_size={calib}", f"seed={seed}", "threads=1", "recon.iters=20"]
+        rec["recon_loss"] = {"prefix": [1.0, 0.5 / calib], "pack0": [2.0, 1.0 / calib]}
+        write(tmp_path / f"c{calib}s{seed}", rec)
+    df = report.collect([tmp_path])
+    assert report.override_columns(df) == ["data.calib_size", "recon.iters"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "repeated seeds" warning
+        summary = report.summarize(df)
+    assert list(summary["data.calib_size"]) == [16, 64] and list(summary["n_seeds"]) == [2, 2]
+    assert list(summary["quant_top1_mean"]) == pytest.approx([61.0, 70.75])
+    md = report.to_markdown(summary)
+    assert "| data.calib_size |" in md and "| 16 |" in md and "| 64 |" in md and "16.0" not in md
+    assert "recon.iters=20" in md  # constant: moved above the table
+    assert report._fmt_value(0.123456789) == "0.1235" and report._fmt_value(64.0) == "64"
+
+    assert len(report.summarize(df, by=["model"])) == 1
+    with pytest.raises(KeyError, match="nope"):
+        report.summarize(df, by=["nope"])
+
+    out = report.write_report(df, tmp_path / "report")
+    assert {"top1_by_setting.png", "recon_loss.png"} <= set(out)
+    fig = report.plot_top1_by_setting(summary)
+    (ax,) = fig.axes
+    assert ax.get_title() == "resnet18 on cifar10, W4A4: by data.calib_size"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["data.calib_size=16", "data.calib_size=64"]
+    fig = report.plot_recon_loss(report.load_report(tmp_path / "report")[0])
+    (ax,) = fig.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert lines == {"data.calib_size=16 (2 runs)": pytest.approx([0.5 / 16, 1 / 16]),
+                     "data.calib_size=64 (2 runs)": pytest.approx([0.5 / 64, 1 / 64])}
+
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "r2"), "--by", "model"]) == 0
+    assert (tmp_path / "r2" / "summary.md").read_text().count("\n|") == 2  # one row
+    with pytest.raises(SystemExit, match="nope"):
+        report.main([str(tmp_path), "--out", str(tmp_path / "r3"), "--by", "nope"])
+
+
 # --------------------------------------------------------------------------- files
 def test_write_report_files(multirun, tmp_path):
     df = report.collect([multirun])
     out = report.write_report(df, tmp_path / "report")
     assert set(out) == {"results.csv", "summary.csv", "summary.md", "top1_vs_bits.png",
-                        "bits_per_pack.png"}
+                        "top1_by_setting.png", "bits_per_pack.png"}
     results, summary = report.load_report(tmp_path / "report")
     assert len(results) == 9 and len(summary) == len(RUNS)
     assert "±" in out["summary.md"].read_text()
@@ -268,6 +313,9 @@ def compose_launcher(conf: Path, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from packptq.schemas import register
+
+    register()  # <group>/base schemas, which the repository's config needs
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         # Not all of cfg.hydra resolves outside a run (hydra.job.num), so only these.
@@ -338,7 +386,9 @@ def test_slurm_launcher_reads_site_file(app, tmp_path, monkeypatch):
     script = executor._executor._make_submission_file_text("python -c pass", "uid")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --qos=high",
                  "#SBATCH --mem=8GB", "#SBATCH --gpus-per-node=1",
-                 "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"):
+                 "#SBATCH --job-name=packptq", "#SBATCH --signal=USR2@120",
+                 "export PACKPTQ_THREADS=$SLURM_CPUS_PER_TASK OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK "
+                 "MKL_NUM_THREADS=$SLURM_CPUS_PER_TASK"):
         assert line in script
 
     site.write_text("partiton: gpu\n")  # a typo is an error, not a silent no-op

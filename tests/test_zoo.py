@@ -19,7 +19,7 @@ from packptq.zoo import SPLIT_RULES, SplitError, check_split, split_model
 from packptq.zoo.build import BUILDERS, ModelConfig, build_model
 from packptq.zoo.pointnet import PointNet
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "packptq" / "conf"
 MODEL_YAMLS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 

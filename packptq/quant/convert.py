@@ -7,6 +7,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from packptq.config import ConfigError
 from packptq.quant.modules import QAttention, QuantLayer, QWindowAttention
@@ -217,7 +218,8 @@ def quant_layers(model: nn.Module) -> List[Tuple[str, QuantLayer]]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: str = "mse") -> None:
+def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: str = "mse",
+              progress: bool = False) -> None:
     """Initialise every activation quantizer from the calibration inputs ``x`` [n, ...]: one
     pass with weights quantized and activations observed in FP, then an MSE range search.
 
@@ -234,10 +236,16 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: s
     for m in aqs:
         m.observing, m._samples = True, []
     device = next(model.parameters()).device
-    for i in range(0, len(x), batch_size):
+    starts = range(0, len(x), batch_size)
+    bar = tqdm(total=len(starts) + len(aqs), desc="calibrate", unit="step", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for i in starts:
         model(x[i:i + batch_size].to(device))
+        bar.update(1)
     for m in aqs:
         m.finish_observing(method)
+        bar.update(1)
+    bar.close()
     for name, (s, z) in (getattr(model, "packptq_ln_ranges", None) or {}).items():
         q = model.get_submodule(name).q
         q.scale.data.copy_(s)

@@ -128,7 +128,10 @@ class ReconSequence:
         if not self.units:
             return self.losses
         t, dev, bs = self.twins, self.twins.device, self.batch_size
-        self._bar = tqdm(total=len(self.units), desc="reconstruct", disable=not self.progress)
+        # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
+        total = sum(unit_iters(u, self.cfg) for u in self.units)
+        self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
+                         disable=not self.progress, dynamic_ncols=True)
         self._step_offset = 0
         t.qmodel.to(dev)
         t.fp.to(dev)
@@ -187,8 +190,9 @@ class ReconSequence:
     def _fit(self, i: int, module: nn.Module, make_cache: Callable[[], ActivationCache]) -> None:
         u, rd = self.units[i], self.rd
         name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
-        self._bar.set_postfix_str(u.key)
+        self._bar.set_postfix_str(f"{u.key} ({i + 1}/{len(self.units)})")
         ucfg = replace(self.cfg, iters=unit_iters(u, self.cfg))
+        done = self._bar.n
         if rd.has(name):
             saved = rd.load_pt(name)
             self._check_unit_file(name, saved, u)
@@ -202,12 +206,15 @@ class ReconSequence:
         else:
             cache = make_cache()
             ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
-                                  self.trainer_kwargs, self.logger, self._step_offset)
+                                  self.trainer_kwargs, self.logger, self._step_offset,
+                                  self._bar if self.progress else None)
             del cache
             module.to(self.twins.device)
-            rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module)})
-            # every step's loss: results.json of a resumed run reports them as a fresh run does
+            # every step's loss: results.json of a resumed run reports them as a fresh run does.
+            # Written before unit_XX.pt, which marks the unit done: a run killed between the two
+            # refits the unit instead of resuming without its losses.
             rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls})
+            rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module)})
             self.losses[u.key] = ls
         self._step_offset += ucfg.iters
-        self._bar.update(1)
+        self._bar.update(done + ucfg.iters - self._bar.n)  # a loaded unit, or one stopped early

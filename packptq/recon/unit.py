@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from packptq.config import ConfigError
-from packptq.runtime import TRAINER_DEFAULTS
+from packptq.runtime import TRAINER_DEFAULTS, step_bar
 from packptq.quant.convert import freeze
 from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
 
@@ -273,17 +273,21 @@ def _fused_ok(params: List[torch.Tensor]) -> bool:
     return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
-def make_trainer(trainer_kwargs: dict, iters: int, logger=None) -> L.Trainer:
+def make_trainer(trainer_kwargs: dict, iters: int, logger=None, bar=None) -> L.Trainer:
+    """The unit's trainer; ``bar`` (tqdm) advances by one per step."""
     kw = dict(TRAINER_DEFAULTS, enable_progress_bar=False, max_epochs=-1)
     kw.update(trainer_kwargs)
     kw.update(max_steps=iters, logger=logger if logger is not None else False)
+    if bar is not None:
+        kw["callbacks"] = [*kw.get("callbacks", []), step_bar(bar)]
     return L.Trainer(**kw)
 
 
 def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, key: str, seed: int,
                      channel_dim: int = 1, trainer_kwargs: Optional[dict] = None, logger=None,
-                     step_offset: int = 0) -> List[float]:
-    """Fit ``unit`` to the cached FP outputs, then freeze it. Returns the per-step losses."""
+                     step_offset: int = 0, bar=None) -> List[float]:
+    """Fit ``unit`` to the cached FP outputs, then freeze it. Returns the per-step losses.
+    ``bar`` (tqdm, optional) advances by one per step."""
     if cfg.iters == 0:
         freeze(unit)
         return []
@@ -292,7 +296,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     if not module.w_params and not module.a_params:
         freeze(unit)
         return []
-    trainer = make_trainer(dict(trainer_kwargs or {}), cfg.iters, logger)
+    trainer = make_trainer(dict(trainer_kwargs or {}), cfg.iters, logger, bar)
     trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, seed))
     freeze(unit)
     for m in module.aqs:

@@ -1,0 +1,168 @@
+"""The datamodule contract every dataset follows.
+
+A datamodule knows its metadata (classes, channels, input size) cheaply, before the model
+exists, and fails fast on bad input. Calibration samples always come from the training split,
+chosen by a seeded permutation; the fingerprint identifies exactly which samples and transform."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from packptq.config import ConfigError
+from packptq.registry import Registry
+
+DATASETS: Registry[type] = Registry("dataset")
+
+#: config keys that change how data is served, not which samples calibrate: left out of the
+#: fingerprint so a run moved to another machine (other path, more workers) still matches.
+RUNTIME_KEYS = ("batch_size", "num_workers", "path")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"
+    calib_size: int = 256
+    batch_size: int = 256  # evaluation / FP-training batch
+    num_workers: int = 0
+    seed: int = 0  # split seed (and calibration seed when calib_seed is null)
+    calib_seed: Optional[int] = None  # which training samples calibrate; the configs use ${seed}
+
+    def __post_init__(self) -> None:
+        if self.calib_size < 1:
+            raise ConfigError(f"data.calib_size must be >= 1, got {self.calib_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Subclasses set ``Config`` and implement ``_load()`` returning (train_set, test_set)."""
+
+    Config = DataConfig
+    #: filled by ``meta()`` / ``setup()``
+    num_classes: int
+    in_chans: int
+    input_size: Tuple[int, ...]  # one sample's shape, e.g. (1, 28, 28) or (1024, 3)
+
+    def __init__(self, cfg: DataConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+        self.transform_desc = "none"
+
+    # -- metadata -----------------------------------------------------------------------
+    def meta(self) -> dict:
+        """num_classes, in_chans, img_size (None for point clouds); cheap, validates paths."""
+        raise NotImplementedError
+
+    def attach_model(self, model: torch.nn.Module) -> None:
+        """Datasets whose transform follows the model's timm data config hook in here."""
+
+    # -- data -----------------------------------------------------------------------------
+    def _load(self) -> Tuple[Dataset, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.test_set = self._load()
+            if self.cfg.calib_size > len(self.train_set):
+                raise ConfigError(
+                    f"data.calib_size={self.cfg.calib_size} is larger than the training split "
+                    f"({len(self.train_set)} samples); lower data.calib_size"
+                )
+
+    def calib_indices(self) -> torch.Tensor:
+        self.setup()
+        g = torch.Generator().manual_seed(self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed)
+        return torch.randperm(len(self.train_set), generator=g)[: self.cfg.calib_size]
+
+    def calib_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the calibration set, stacked: x [n, *input_size], y [n] int64."""
+        self.setup()
+        idx = self.calib_indices().tolist()
+        xs, ys = zip(*(self.train_set[i] for i in idx))
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+
+    def source_desc(self) -> Any:
+        """What identifies the calibration samples themselves, beyond the config: for in-memory
+        tensor datasets a SHA-256 of the calibration rows (x and y bytes). Datasets served from
+        files override this (e.g. relative file names and sizes). JSON-serialisable."""
+        self.setup()
+        if not isinstance(self.train_set, TensorDataset):
+            return None
+        idx = self.calib_indices()
+        h = hashlib.sha256()
+        for t in self.train_set.tensors:
+            h.update(t[idx].contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
+        chosen indices and ``source_desc()``; 16 hex characters."""
+        desc = {
+            "cfg": {k: v for k, v in asdict(self.cfg).items() if k not in RUNTIME_KEYS},
+            "transform": self.transform_desc,
+            "calib_idx": self.calib_indices().tolist(),
+            "source": self.source_desc(),
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(
+            ds, batch_size=self.cfg.batch_size, shuffle=shuffle, num_workers=self.cfg.num_workers,
+            generator=g if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return self._loader(self.test_set, shuffle=False)
+
+
+def require_path(path: Optional[str], dataset: str, hint: str, kind: str = "any") -> Path:
+    """Check a user-given data path exists (``kind``: "any", "dir" or "file"), else raise one
+    ConfigError line naming the dataset and ``hint`` (how to set it). Returns the expanded Path."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"data.path is required for dataset '{dataset}': {hint}")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data.path={path} does not exist (dataset '{dataset}'): {hint}")
+    if kind == "dir" and not p.is_dir():
+        raise ConfigError(f"data.path={path} is a file; dataset '{dataset}' needs a folder: {hint}")
+    if kind == "file" and not p.is_file():
+        raise ConfigError(f"data.path={path} is a folder; dataset '{dataset}' needs a file: {hint}")
+    return p
+
+
+def seeded_split(n: int, n_test: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fixed-seed permutation split of range(n) into (train_idx, test_idx)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    return perm[n_test:], perm[:n_test]
+
+
+def tensor_sets(x: torch.Tensor, y: torch.Tensor, train_idx, test_idx) -> Tuple[Dataset, Dataset]:
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def build_datamodule(section: Any) -> BaseDataModule:
+    """Build the datamodule named by ``section.name``, validating its keys strictly."""
+    from packptq.config import typed
+
+    name = section["name"] if section is not None else None
+    cls = DATASETS.get(name)
+    return cls(typed(cls.Config, section, "data"))

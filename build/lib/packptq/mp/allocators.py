@@ -1,0 +1,392 @@
+"""Pack-wise bit allocation from plain numbers: the registered allocators, the problem they
+solve and the result they return. Nothing here touches a model; the pipeline side
+(``packptq.mp.plan``) measures pack sizes, sensitivities and omega and passes them in.
+
+Vocabulary and units
+- ``sizes[j]``: number of quantized weights (elements) in pack j, an int >= 1.
+- ``prefix_weights`` / ``suffix_weights``: quantized weights of the prefix (stem) and suffix
+  (head). They sit at ``prefix_bits`` / ``suffix_bits`` and count against the budget.
+- "average bits" is always bits per weight element over ALL quantized weights: packs + prefix +
+  suffix. Activations are accounted separately (``packptq.mp.accounting``).
+- A cost table ``cost[j][b]`` is the sensitivity (e.g. KL of the network output, nats) of pack j
+  quantized at ``b`` bits; lower is better.
+
+Entry points
+- ``allocate(cfg, target_bits, sizes, cost=..., omega=..., prefix_weights=..., suffix_weights=...)``
+  -> ``Allocation``; the rule is the registered allocator of ``cfg.policy``.
+- ``feasible_range`` / ``check_feasible``: the range of reachable average bits, and the
+  ConfigError for a budget outside it. Both depend only on ``sum(sizes)``, so per-block weight
+  counts work before the packs are known.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from packptq.config import ConfigError
+from packptq.mp.config import (ALLOCATORS, MAX_BITS, MIN_BITS, Allocator, MPConfig, boundary_bits,
+                               resolve_candidates)
+from packptq.mp.solver import _chain_cost, budget_bits, solve_mckp
+
+#: cost(j, bits) -> float, or a table indexed as table[j][bits] (rows may be dicts keyed by bits,
+#: or sequences indexed by the bit value itself, e.g. a [n_packs, 9] array).
+CostLike = Union[Callable[[int, int], float], Sequence[Mapping[int, float]],
+                 Sequence[Sequence[float]], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# problem and result
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MPProblem:
+    """Everything an allocator needs, validated. Built by ``make_problem``.
+
+    costs: [n_packs, n_candidates] float64 aligned with ``candidates`` (ascending), or None.
+    omega: [n_packs] float64, or None."""
+
+    cfg: MPConfig
+    target_bits: int
+    candidates: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    prefix_bits: int
+    suffix_bits: int
+    prefix_weights: int
+    suffix_weights: int
+    costs: Optional[np.ndarray]
+    omega: Optional[np.ndarray]
+
+    @property
+    def n_weights(self) -> int:
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+
+    @property
+    def fixed_bits(self) -> int:
+        """Bits spent on the prefix and suffix weights."""
+        return self.prefix_bits * self.prefix_weights + self.suffix_bits * self.suffix_weights
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A bit allocation and its honest accounting.
+
+    bits: [n_packs] weight bits per pack. total_bits: weight bits over all quantized weights
+    (packs + prefix + suffix); avg_bits = total_bits / n_weights (bits per weight).
+    budget_avg_bits / budget_bits: the cap per weight and in total bits (None for ``none``).
+    cost: summed sensitivity of the chosen bits (None when no cost table was available).
+    solver: how ``budget`` solved it ("dp", "milp", "milp-time-limit", see ``solve_mckp``);
+    None for the rule-based policies."""
+
+    policy: str
+    target_bits: int
+    candidates: Tuple[int, ...]
+    bits: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    prefix_bits: int
+    suffix_bits: int
+    prefix_weights: int
+    suffix_weights: int
+    total_bits: int
+    avg_bits: float
+    budget_avg_bits: Optional[float]
+    budget_bits: Optional[int]
+    cost: Optional[float]
+    solver: Optional[str] = None
+
+    @property
+    def n_weights(self) -> int:
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-ready dict of every field (tuples become lists)."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        out["n_weights"] = self.n_weights
+        return out
+
+    def describe(self) -> str:
+        """One line for the log: policy, per-pack bits, achieved vs budget average bits."""
+        budget = "n/a" if self.budget_avg_bits is None else f"{self.budget_avg_bits:g}"
+        cost = "n/a" if self.cost is None else f"{self.cost:.6g}"
+        return (
+            f"mp={self.policy} target=W{self.target_bits} bits={list(self.bits)} "
+            f"prefix/suffix={self.prefix_bits}/{self.suffix_bits} "
+            f"avg_w_bits={self.avg_bits:.4f} (budget {budget}) over {self.n_weights} weights, "
+            f"cost={cost}" + (f" solver={self.solver}" if self.solver else "")
+        )
+
+
+def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
+              budget_bits: Optional[int], solver: Optional[str] = None) -> Allocation:
+    bits = tuple(int(b) for b in bits)
+    total = p.fixed_bits + sum(s * b for s, b in zip(p.sizes, bits))
+    cost = None
+    if p.costs is not None:
+        idx = [p.candidates.index(b) for b in bits]
+        cost = _chain_cost(p.costs, idx)
+    return Allocation(
+        policy=p.cfg.policy, target_bits=p.target_bits, candidates=p.candidates, bits=bits,
+        sizes=p.sizes, prefix_bits=p.prefix_bits, suffix_bits=p.suffix_bits,
+        prefix_weights=p.prefix_weights, suffix_weights=p.suffix_weights, total_bits=total,
+        avg_bits=total / p.n_weights, budget_avg_bits=budget_avg, budget_bits=budget_bits,
+        cost=cost, solver=solver,
+    )
+
+
+def omega_costs(omega: Sequence[float], candidates: Sequence[int], target_bits: int) -> np.ndarray:
+    """Cost table [n_packs, n_candidates] from omega: ``omega_j * 4**(target_bits - b)``.
+
+    omega is measured at the target bits; one more bit halves the quantization step, and the
+    second-order loss grows with the step squared, hence the factor 4 per bit."""
+    om = np.asarray(omega, dtype=np.float64).reshape(-1)
+    factor = np.array([4.0 ** (target_bits - b) for b in candidates], dtype=np.float64)
+    return om[:, None] * factor[None, :]
+
+
+def cost_table(cost: CostLike, n_packs: int, candidates: Sequence[int]) -> np.ndarray:
+    """Normalise ``cost`` to a float64 array [n_packs, n_candidates] aligned with ``candidates``.
+
+    ``cost`` is ``cost(j, bits) -> float`` or a table read as ``cost[j][bits]`` (bits is the bit
+    value, not a candidate index: rows are dicts keyed by bits or sequences of length >= 9)."""
+    out = np.empty((n_packs, len(candidates)), dtype=np.float64)
+    for j in range(n_packs):
+        for k, b in enumerate(candidates):
+            try:
+                out[j, k] = cost(j, b) if callable(cost) else cost[j][b]
+            except (KeyError, IndexError) as exc:
+                raise ValueError(
+                    f"cost table has no entry for pack {j} at {b} bits (candidates "
+                    f"{list(candidates)}); tables are indexed cost[pack][bits]"
+                ) from exc
+    if not np.all(np.isfinite(out)):
+        raise ValueError("cost table has non-finite entries")
+    return out
+
+
+def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
+                 cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
+                 prefix_weights: int = 0, suffix_weights: int = 0) -> MPProblem:
+    """Validate the inputs of ``allocate`` and resolve defaults. See ``allocate``."""
+    allocator = cfg.allocator
+    candidates = resolve_candidates(cfg, target_bits)
+    prefix_bits, suffix_bits = boundary_bits(cfg, target_bits)
+    sizes_t = tuple(int(s) for s in sizes)
+    if len(sizes_t) == 0:
+        raise ValueError("need at least one pack")
+    if any(s < 1 for s in sizes_t):
+        raise ValueError(f"pack sizes must be >= 1 weight, got {list(sizes_t)}")
+    if prefix_weights < 0 or suffix_weights < 0:
+        raise ValueError("prefix_weights and suffix_weights must be >= 0")
+    n = len(sizes_t)
+    om = None
+    if omega is not None:
+        om = np.asarray(omega, dtype=np.float64).reshape(-1)
+        if om.shape != (n,) or not np.all(np.isfinite(om)):
+            raise ValueError(f"omega must be {n} finite numbers (one per pack), got {list(om)}")
+    source = allocator.cost_source(cfg)
+    table = None
+    if cost is not None:
+        if source == "omega":
+            raise ValueError("mp.sensitivity=omega builds the cost from omega; do not pass cost")
+        table = cost_table(cost, n, candidates)
+    elif om is not None and cfg.sensitivity == "omega":
+        table = omega_costs(om, candidates, target_bits)
+    if source is not None and table is None:
+        need = "omega" if source == "omega" else "a cost table (cost=...)"
+        raise ValueError(f"mp.policy={cfg.policy} with mp.sensitivity={cfg.sensitivity} needs {need}")
+    if allocator.needs_omega(cfg) and om is None:
+        raise ValueError(f"mp.policy={cfg.policy} needs omega (one score per pack)")
+    return MPProblem(cfg, target_bits, candidates, sizes_t, prefix_bits, suffix_bits,
+                     int(prefix_weights), int(suffix_weights), table, om)
+
+
+def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
+             cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
+             prefix_weights: int = 0, suffix_weights: int = 0) -> Allocation:
+    """Choose weight bits per pack with the registered allocator of ``cfg.policy``.
+
+    target_bits: the target weight bits (quant.w_bits), 2..8.
+    sizes: [n_packs] quantized weights per pack.
+    cost: sensitivity per (pack, bits), see ``cost_table``; required by ``budget`` with
+      ``sensitivity=kl``; otherwise optional and only used to report ``Allocation.cost``.
+    omega: [n_packs] ranking scores; required by ``official`` and by ``budget`` with
+      ``sensitivity=omega``.
+    prefix_weights / suffix_weights: weights outside the packs, at ``boundary_bits(cfg, ...)``.
+
+    Raises ConfigError for a budget outside ``feasible_range`` (before any solving) and
+    ValueError for malformed inputs."""
+    problem = make_problem(cfg, target_bits, sizes, cost=cost, omega=omega,
+                           prefix_weights=prefix_weights, suffix_weights=suffix_weights)
+    return cfg.allocator.allocate(problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# feasibility
+# ---------------------------------------------------------------------------------------------
+class _Reach(NamedTuple):
+    """Total weight bits with every pack at the lowest (``lo_bits``) resp. highest
+    (``hi_bits``) candidate, prefix/suffix at their bits, over ``n`` quantized weights."""
+
+    lo_bits: int
+    hi_bits: int
+    n: int
+    candidates: Tuple[int, ...]
+    prefix_bits: int
+    suffix_bits: int
+
+
+def _reach(cfg: MPConfig, target_bits: int, sizes: Sequence[int], prefix_weights: int,
+           suffix_weights: int) -> _Reach:
+    candidates = resolve_candidates(cfg, target_bits)
+    prefix_bits, suffix_bits = boundary_bits(cfg, target_bits)
+    s = int(sum(int(x) for x in sizes))
+    n = s + prefix_weights + suffix_weights
+    if n <= 0:
+        raise ValueError("no quantized weights")
+    fixed = prefix_bits * prefix_weights + suffix_bits * suffix_weights
+    return _Reach(fixed + candidates[0] * s, fixed + candidates[-1] * s, n, candidates,
+                  prefix_bits, suffix_bits)
+
+
+def feasible_range(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
+                   prefix_weights: int = 0, suffix_weights: int = 0) -> Tuple[float, float]:
+    """(lo, hi) average bits per weight reachable with ``cfg``'s candidates: every pack at the
+    lowest candidate, resp. the highest, prefix/suffix at their bits. Depends on sizes only
+    through ``sum(sizes)``, so per-block weight counts work before packing.
+
+    For ``none`` lo == hi == the achieved average; for ``official`` it is (all mid, all high)."""
+    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights)
+    return r.lo_bits / r.n, r.hi_bits / r.n
+
+
+def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
+                   prefix_weights: int = 0, suffix_weights: int = 0) -> Tuple[float, float]:
+    """``feasible_range``, after checking a user-given budget against it: ConfigError when the
+    allocator reads ``mp.avg_bits`` and it lies outside (below: no allocation fits; above:
+    every pack at the top candidate still under-spends it). The message names the range.
+    Cheap: the pipeline calls it before any compute."""
+    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights)
+    allocator = cfg.allocator
+    if allocator.reads_avg_bits:
+        avg = allocator.budget_avg_bits(cfg, r.candidates, target_bits)
+        want = Fraction(repr(float(avg))) * r.n
+        if not r.lo_bits <= want <= r.hi_bits:
+            # shown rounded inwards, so a value copied from the message is feasible
+            lo = math.ceil(r.lo_bits / r.n * 1e4) / 1e4
+            hi = math.floor(r.hi_bits / r.n * 1e4) / 1e4
+            side = "below the smallest" if want < r.lo_bits else "above the largest"
+            raise ConfigError(
+                f"mp.avg_bits={avg:g} is {side} reachable average: with candidates "
+                f"{list(r.candidates)} and prefix/suffix at {r.prefix_bits}/{r.suffix_bits} bits "
+                f"over {r.n} quantized weights the feasible range of mp.avg_bits is "
+                f"[{lo:.4f}, {hi:.4f}] bits per weight"
+            )
+    return r.lo_bits / r.n, r.hi_bits / r.n
+
+
+# ---------------------------------------------------------------------------------------------
+# the allocators
+# ---------------------------------------------------------------------------------------------
+def _register(cls):
+    ALLOCATORS.register(cls.name)(cls())
+    return cls
+
+
+@_register
+class NoneAllocator(Allocator):
+    """Every pack at the target bits; the pipeline keeps the quant config's bits everywhere."""
+
+    name = "none"
+    takes_candidates = False
+    sets_bits = False
+
+    def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
+        return (target_bits,)
+
+    def allocate(self, p: MPProblem) -> Allocation:
+        return _finalize(p, [p.target_bits] * len(p.sizes), None, None)
+
+
+@_register
+class BudgetAllocator(Allocator):
+    """Exact minimum-cost allocation with average weight bits <= avg_bits (``solve_mckp``).
+    Default candidates: [target-1, target, target+1] clipped to 2..8."""
+
+    name = "budget"
+    reads_avg_bits = True
+
+    def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
+        around = (target_bits - 1, target_bits, target_bits + 1)
+        return tuple(b for b in around if MIN_BITS <= b <= MAX_BITS)
+
+    def budget_avg_bits(self, cfg: MPConfig, candidates: Tuple[int, ...],
+                        target_bits: int) -> Optional[float]:
+        return float(cfg.avg_bits) if cfg.avg_bits is not None else float(target_bits)
+
+    def cost_source(self, cfg: MPConfig) -> Optional[str]:
+        return cfg.sensitivity
+
+    def allocate(self, p: MPProblem) -> Allocation:
+        check_feasible(p.cfg, p.target_bits, p.sizes, p.prefix_weights, p.suffix_weights)
+        avg = self.budget_avg_bits(p.cfg, p.candidates, p.target_bits)
+        cap = budget_bits(avg, p.n_weights)
+        sol = solve_mckp(p.sizes, p.candidates, p.costs, cap - p.fixed_bits)
+        return _finalize(p, [p.candidates[i] for i in sol.choice], avg, cap, sol.solver)
+
+
+@_register
+class OfficialAllocator(Allocator):
+    """The official Pack-PTQ rule: packs start at mid; in decreasing omega order (ties: earlier
+    pack first) each pack is upgraded to high if the average over all quantized weights then
+    stays <= (mid + high) / 2, otherwise it is skipped and the next one is tried. Candidates are
+    exactly (mid, high), by default (target, target+1); prefix/suffix default to high and count
+    against the budget.
+
+    Deviation from the official code, on purpose: it counts activation elements in its storage
+    budget too; here the budget is over weights only, as the reported average is."""
+
+    name = "official"
+    sensitivity = "omega"
+
+    def validate(self, cfg: MPConfig) -> None:
+        super().validate(cfg)
+        if cfg.candidates is not None and len(cfg.candidates) != 2:
+            raise ConfigError(
+                "mp.policy=official takes exactly two candidates (mid, high), got "
+                f"{list(cfg.candidates)}"
+            )
+
+    def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
+        if target_bits + 1 > MAX_BITS:
+            raise ConfigError(
+                f"mp.policy=official upgrades packs to target+1 = {target_bits + 1} bits, above "
+                f"{MAX_BITS}; give mp.candidates=[mid, high] explicitly"
+            )
+        return (target_bits, target_bits + 1)
+
+    def default_boundary_bits(self, candidates: Tuple[int, ...], target_bits: int) -> int:
+        return candidates[-1]
+
+    def budget_avg_bits(self, cfg: MPConfig, candidates: Tuple[int, ...],
+                        target_bits: int) -> Optional[float]:
+        return (candidates[0] + candidates[-1]) / 2
+
+    def needs_omega(self, cfg: MPConfig) -> bool:
+        return True
+
+    def allocate(self, p: MPProblem) -> Allocation:
+        mid, high = p.candidates
+        bits = [mid] * len(p.sizes)
+        used = p.fixed_bits + mid * sum(p.sizes)
+        limit2 = (mid + high) * p.n_weights  # compare 2 * used <= limit2: no rounding
+        for j in sorted(range(len(p.sizes)), key=lambda i: (-p.omega[i], i)):
+            step = (high - mid) * p.sizes[j]
+            if 2 * (used + step) <= limit2:
+                bits[j] = high
+                used += step
+        return _finalize(p, bits, (mid + high) / 2, limit2 // 2)

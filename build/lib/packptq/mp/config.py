@@ -1,0 +1,183 @@
+"""The ``mp`` config section, typed once, and the allocator interface it is validated against.
+
+``MPConfig`` checks each field on its own (known names, bit-widths in 2..8, ``avg_bits``
+finite) and asks the registered allocator of its ``policy`` which fields that policy reads.
+Whether ``avg_bits`` is reachable depends on the model, so it is checked by
+``packptq.mp.allocators.check_feasible``, whose error names the feasible range.
+
+The registry ``ALLOCATORS`` lives here so that the config can consult it; its entries are
+registered by ``packptq.mp.allocators``, which ``packptq.mp`` always imports."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from packptq.config import ConfigError
+from packptq.registry import Registry
+
+if TYPE_CHECKING:  # annotations only
+    from packptq.mp.allocators import Allocation, MPProblem
+
+MIN_BITS, MAX_BITS = 2, 8
+SENSITIVITIES = ("kl", "omega")
+ACT_MODES = ("follow", "fixed")
+SENSITIVITY_FILE = "sensitivity.json"
+BITS_FILE = "bits.json"
+
+
+def check_bits(value: int, what: str) -> None:
+    """ConfigError unless ``value`` is an integer bit-width in 2..8."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {value!r}")
+
+
+class Allocator:
+    """One bit-allocation policy: what it reads from ``MPConfig``, its defaults and its rule.
+
+    Class attributes:
+    - ``name``: the ``mp.policy`` value.
+    - ``reads_avg_bits``: whether ``mp.avg_bits`` is its budget (then the budget is user-given
+      and ``check_feasible`` checks it against the model).
+    - ``takes_candidates``: whether ``mp.candidates`` means anything to it.
+    - ``sensitivity``: the only ``mp.sensitivity`` it accepts (None: any).
+    - ``sets_bits``: whether the pipeline applies its allocation (False: every layer keeps the
+      quant config's bits and no mixed-precision plan is made)."""
+
+    name: str = ""
+    reads_avg_bits: bool = False
+    takes_candidates: bool = True
+    sensitivity: Optional[str] = None
+    sets_bits: bool = True
+
+    # -- config ---------------------------------------------------------------------------------
+    def validate(self, cfg: "MPConfig") -> None:
+        """ConfigError for a field this policy does not read or a value it cannot use."""
+        if cfg.avg_bits is not None and not self.reads_avg_bits:
+            readers = "|".join(n for n, a in ALLOCATORS.items() if a.reads_avg_bits)
+            raise ConfigError(
+                f"mp.avg_bits is only used by mp.policy={readers} (policy is '{cfg.policy}'); "
+                "set mp.avg_bits=null"
+            )
+        if cfg.candidates is not None and not self.takes_candidates:
+            raise ConfigError(f"mp.candidates is unused by mp.policy={cfg.policy}; set it to null")
+        if self.sensitivity is not None and cfg.sensitivity != self.sensitivity:
+            raise ConfigError(
+                f"mp.policy={cfg.policy} ranks packs by {self.sensitivity}; "
+                f"set mp.sensitivity={self.sensitivity}"
+            )
+
+    def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
+        """The ascending candidate bit-widths when ``mp.candidates`` is null."""
+        raise NotImplementedError
+
+    def default_boundary_bits(self, candidates: Tuple[int, ...], target_bits: int) -> int:
+        """Prefix/suffix weight bits when neither ``mp.prefix_bits``/``suffix_bits`` nor
+        ``quant.first_last_bits`` gives them."""
+        return target_bits
+
+    def budget_avg_bits(self, cfg: "MPConfig", candidates: Tuple[int, ...],
+                        target_bits: int) -> Optional[float]:
+        """The budget in bits per weight over all quantized weights (None: no budget)."""
+        return None
+
+    def cost_source(self, cfg: "MPConfig") -> Optional[str]:
+        """The sensitivity table the rule minimises: ``kl`` (measured), ``omega``
+        (``omega_costs``) or None (the rule needs no table)."""
+        return None
+
+    def needs_omega(self, cfg: "MPConfig") -> bool:
+        """Whether the rule reads one omega score per pack."""
+        return self.cost_source(cfg) == "omega"
+
+    # -- the rule -------------------------------------------------------------------------------
+    def allocate(self, problem: "MPProblem") -> "Allocation":
+        raise NotImplementedError
+
+
+#: name -> Allocator instance (entries in packptq.mp.allocators)
+ALLOCATORS: Registry[Allocator] = Registry("bit allocator")
+
+
+@dataclass
+class MPConfig:
+    """The ``mp`` config section (conf/mp/*.yaml).
+
+    policy: ``none`` (every pack at the target), ``budget`` (exact multiple-choice knapsack under
+      ``avg_bits``), ``official`` (the official code's greedy rule; a (mid+high)/2-bit model).
+    avg_bits: budget in bits per weight over all quantized weights; null = the target weight
+      bits. Only ``budget`` reads it. Any finite value is accepted here; whether the model can
+      reach it is checked by ``check_feasible``.
+    candidates: bit-widths a pack may take; null = [target-1, target, target+1] clipped to 2..8
+      (``budget``) or [target, target+1] (``official``, which needs exactly two values).
+    sensitivity: what ``budget`` minimises: ``kl`` (a measured cost table per pack and bit-width)
+      or ``omega`` (``omega_j * 4**(target - b)``, see ``omega_costs``). ``official`` always
+      ranks by omega and requires ``omega``.
+    acts: ``follow`` (a pack's activation bits move with its weight bits, see ``act_bits``) or
+      ``fixed`` (activations stay at the target activation bits).
+    prefix_bits / suffix_bits: weight bits of the prefix (stem) and suffix (head); null =
+      ``quant.first_last_bits`` when the pipeline has one, else the target (``none``,
+      ``budget``) or the high candidate (``official``); see ``boundary_bits``.
+    """
+
+    policy: str = "none"
+    avg_bits: Optional[float] = None
+    candidates: Optional[List[int]] = None
+    sensitivity: str = "kl"
+    acts: str = "follow"
+    prefix_bits: Optional[int] = None
+    suffix_bits: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in ALLOCATORS:
+            raise ConfigError(
+                f"mp.policy='{self.policy}' is unknown; known: {', '.join(ALLOCATORS.names())}"
+            )
+        if self.sensitivity not in SENSITIVITIES:
+            raise ConfigError(
+                f"mp.sensitivity='{self.sensitivity}' is unknown; known: {', '.join(SENSITIVITIES)}"
+            )
+        if self.acts not in ACT_MODES:
+            raise ConfigError(f"mp.acts='{self.acts}' is unknown; known: {', '.join(ACT_MODES)}")
+        if self.avg_bits is not None and not math.isfinite(self.avg_bits):
+            raise ConfigError(f"mp.avg_bits must be a finite number of bits per weight or null, "
+                              f"got {self.avg_bits}")
+        if self.candidates is not None:
+            if len(self.candidates) == 0:
+                raise ConfigError("mp.candidates must be null or a non-empty list of bit-widths")
+            for b in self.candidates:
+                check_bits(b, "every mp.candidates entry")
+            if len(set(self.candidates)) != len(self.candidates):
+                raise ConfigError(f"mp.candidates has duplicates: {list(self.candidates)}")
+        for name in ("prefix_bits", "suffix_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                check_bits(value, f"mp.{name}")
+        self.allocator.validate(self)
+
+    @property
+    def allocator(self) -> Allocator:
+        """The registered allocator of ``policy``."""
+        return ALLOCATORS.get(self.policy)
+
+
+def resolve_candidates(cfg: MPConfig, target_bits: int) -> Tuple[int, ...]:
+    """The ascending candidate bit-widths for ``cfg.policy`` at ``target_bits``."""
+    check_bits(target_bits, "the target weight bits (quant.w_bits)")
+    if cfg.candidates is not None:
+        return tuple(sorted(cfg.candidates))
+    return cfg.allocator.default_candidates(target_bits)
+
+
+def boundary_bits(cfg: MPConfig, target_bits: int,
+                  first_last_bits: Optional[int] = None) -> Tuple[int, int]:
+    """(prefix_bits, suffix_bits): ``mp.prefix_bits``/``suffix_bits`` when set, else
+    ``first_last_bits`` (``quant.first_last_bits``) when given, else the policy's default (the
+    high candidate for ``official``, the target otherwise)."""
+    if first_last_bits is not None:
+        default = int(first_last_bits)
+    else:
+        default = cfg.allocator.default_boundary_bits(resolve_candidates(cfg, target_bits), target_bits)
+    prefix = cfg.prefix_bits if cfg.prefix_bits is not None else default
+    suffix = cfg.suffix_bits if cfg.suffix_bits is not None else default
+    return prefix, suffix

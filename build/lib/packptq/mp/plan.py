@@ -1,0 +1,191 @@
+"""Pack-wise mixed precision, the pipeline side: measure the numbers an allocator needs on the
+model, allocate, and apply the decision.
+
+- ``plan(mp_section, qcfg)``: the ``mp`` section typed (always, before any compute) and, unless
+  the policy leaves the quant config's bits alone (``none``), a ``MixedPrecision``.
+- ``MixedPrecision.check_feasible(model, split)``: the budget against the weight counts of the
+  unquantized model, before FP training. An impossible ``mp.avg_bits`` stops here with a
+  ConfigError that names the feasible range.
+- ``MixedPrecision.allocate(...)``: sensitivity per (pack, bits) (measured KL or omega), the
+  allocation, the bits set on every QuantLayer, ``bits.json`` and ``sensitivity.json``.
+
+Conventions:
+- Prefix (stem) and suffix (head): every QuantLayer outside the blocks takes the bits
+  ``boundary_bits`` resolves: ``mp.prefix_bits`` / ``mp.suffix_bits``, else
+  ``quant.first_last_bits`` when set (for ResNet and ViT/DeiT the prefix and suffix are exactly
+  the first and last layer, so an MP run keeps them where a uniform run with the same quant
+  config does), else the policy's default. Their bits count against the budget either way.
+- Activations: ``mp.acts=follow`` moves the activation quantizers of a pack (the QuantLayers'
+  and those of quantized attention inside its blocks) with its weight bits (``act_bits``);
+  prefix and suffix layers follow their bits the same way. ``mp.acts=fixed`` leaves every
+  activation quantizer where the quant config put it.
+- ``omega`` of a pack is the sum of its blocks' ``omega_b`` (the second-order loss of blocks
+  quantized together adds up, cross terms neglected).
+- ``packing=none`` has no packs; mixed precision then allocates per block.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from packptq.config import ConfigError, typed
+from packptq.mp import sensitivity
+from packptq.mp.accounting import act_bits, bits_json, weight_count, weight_counts
+from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs
+from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, boundary_bits,
+                               resolve_candidates)
+from packptq.quant import QuantConfig
+
+
+def plan(section: Any, qcfg: QuantConfig) -> Optional["MixedPrecision"]:
+    """The ``mp`` config section (DictConfig, dict or None) typed and resolved against ``qcfg``;
+    None when the policy keeps every layer at the quant config's bits (``mp.policy=none``).
+
+    Raises ConfigError for a malformed section, and for ``mp.prefix_bits``/``suffix_bits`` set
+    with such a policy (they would do nothing). Whether ``mp.avg_bits`` is reachable is left to
+    ``MixedPrecision.check_feasible``, whose error names the feasible range of the model."""
+    cfg = typed(MPConfig, section, "mp")
+    if not cfg.allocator.sets_bits:
+        if cfg.prefix_bits is not None or cfg.suffix_bits is not None:
+            others = "|".join(n for n, a in ALLOCATORS.items() if a.sets_bits)
+            raise ConfigError(f"mp.prefix_bits/suffix_bits do nothing with mp.policy={cfg.policy} (the quant "
+                              f"config sets every layer's bits); set them to null or choose mp={others}")
+        return None
+    return MixedPrecision(cfg, qcfg)
+
+
+class MixedPrecision:
+    """The pipeline's mixed-precision plan (see the module docstring for the conventions).
+
+    cfg: the typed ``mp`` section with prefix/suffix bits resolved (``boundary_bits``);
+    w_bits / a_bits: the target bit-widths (``quant.w_bits`` / ``quant.a_bits``)."""
+
+    def __init__(self, cfg: MPConfig, qcfg: QuantConfig) -> None:
+        self.allocator = cfg.allocator
+        self.w_bits, self.a_bits = int(qcfg.w_bits), int(qcfg.a_bits)
+        self.candidates = resolve_candidates(cfg, self.w_bits)  # ConfigError early
+        self.prefix_bits, self.suffix_bits = boundary_bits(cfg, self.w_bits, qcfg.first_last_bits)
+        self.cfg = dataclasses.replace(cfg, prefix_bits=self.prefix_bits, suffix_bits=self.suffix_bits)
+        self.allocation: Optional[Allocation] = None
+        self.act_bits: Optional[List[int]] = None
+        self.feasible: Optional[Tuple[float, float]] = None
+
+    @property
+    def needs_omega(self) -> bool:
+        """Whether the pipeline must compute block scores (omega) before ``allocate``."""
+        return self.allocator.needs_omega(self.cfg)
+
+    @property
+    def target_avg_bits(self) -> Optional[float]:
+        """The budget in bits per weight: ``mp.avg_bits`` (default the target weight bits) for
+        ``budget``, (mid + high) / 2 for ``official``."""
+        return self.allocator.budget_avg_bits(self.cfg, self.candidates, self.w_bits)
+
+    def _acts(self, w: int) -> Optional[int]:
+        """Activation bits for weight bits ``w`` (None: leave activations alone)."""
+        if self.cfg.acts == "fixed":
+            return None
+        return act_bits(self.cfg, self.w_bits, self.a_bits, [w])[0]
+
+    # -- before FP training -----------------------------------------------------------------
+    def check_feasible(self, model: nn.Module, split) -> Tuple[float, float]:
+        """Raise ConfigError when ``mp.avg_bits`` is outside the reachable range of ``model``
+        (the unquantized model and its ``split``); return that range (bits per weight)."""
+        blocks, pre, suf = weight_counts(split)
+        self.feasible = check_feasible(self.cfg, self.w_bits, blocks, pre, suf)
+        lo, hi = self.feasible
+        print(f"[packptq] mp={self.cfg.policy}: candidates {list(self.candidates)}, prefix/suffix at "
+              f"{self.prefix_bits}/{self.suffix_bits} bits, reachable average [{lo:.4f}, {hi:.4f}] "
+              f"bits per weight" + (f", budget {self.target_avg_bits:g}" if self.target_avg_bits else ""))
+        return self.feasible
+
+    # -- the bits phase -----------------------------------------------------------------------
+    def allocate(self, rd, twins, packs: List[List[int]], scores: Optional[dict], x_cal: torch.Tensor,
+                 progress: bool = False) -> List[int]:
+        """Choose and apply the bits of every pack; returns the per-pack weight bits.
+
+        twins: the quantized model and its FP reference, with attributes ``qmodel``, ``qsplit``,
+        ``fsplit``, ``device`` and the QuantLayer names ``prefix_layers``, ``block_layers`` (per
+        block) and ``suffix_layers``. Sets every QuantLayer (packs, prefix, suffix) via
+        ``QuantLayer.set_bits``; writes ``sensitivity.json`` (the cost table, reused on resume)
+        and ``bits.json``."""
+        qmodel, qsplit = twins.qmodel, twins.qsplit
+        groups = [list(p) for p in packs] or [[b] for b in range(len(qsplit.blocks))]
+        names = qsplit.block_names
+        pack_names = [[names[b] for b in p] for p in groups]
+        layers = qmodel.get_submodule
+        sizes = [weight_count([layers(n) for b in p for n in twins.block_layers[b]]) for p in groups]
+        pre_w = weight_count([layers(n) for n in twins.prefix_layers])
+        suf_w = weight_count([layers(n) for n in twins.suffix_layers])
+        omega = None
+        if scores is not None and scores.get("omega") is not None:
+            omega = [float(sum(scores["omega"][b] for b in p)) for p in groups]
+        source = self.allocator.cost_source(self.cfg)
+        cost = None
+        if source == "kl":
+            cost = self._kl_table(rd, twins, groups, pack_names, x_cal, progress)
+        if self.needs_omega and omega is None:
+            raise RuntimeError("mixed precision needs omega but the pipeline gave no scores")
+        if source == "omega":
+            rd.write_json(SENSITIVITY_FILE, self._table_record(
+                "omega", pack_names, omega_costs(omega, self.candidates, self.w_bits)))
+        if cost is not None:  # allocate reads cost[pack][bits]
+            cost = [dict(zip(self.candidates, map(float, row))) for row in cost]
+        alloc = allocate(self.cfg, self.w_bits, sizes, cost=cost, omega=omega,
+                         prefix_weights=pre_w, suffix_weights=suf_w)
+        acts = act_bits(self.cfg, self.w_bits, self.a_bits, alloc.bits)
+        q_blocks = [m for _, m in qsplit.blocks]
+        for p, w in zip(groups, alloc.bits):
+            sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
+        for layer_names, w in ((twins.prefix_layers, alloc.prefix_bits), (twins.suffix_layers, alloc.suffix_bits)):
+            sensitivity.set_group_bits([layers(n) for n in layer_names], w, self._acts(w))
+        rd.record(BITS_FILE, bits_json(pack_names, alloc, acts))
+        self.allocation, self.act_bits = alloc, acts
+        print(f"[packptq] {alloc.describe()}")
+        outside = weight_count([qmodel]) - alloc.n_weights
+        if outside:
+            print(f"[packptq] warning: {outside} quantized weights are outside the prefix, blocks and suffix "
+                  "(never executed?); the reported average counts them, bits.json does not")
+        return list(alloc.bits)
+
+    def _table_record(self, kind: str, pack_names, table: np.ndarray) -> dict:
+        return {"kind": kind, "acts": self.cfg.acts, "candidates": list(self.candidates),
+                "packs": pack_names, "table": np.asarray(table).tolist(),
+                "unit": "nats (mean KL of the output)" if kind == "kl" else "omega * 4**(target - bits)"}
+
+    def _kl_table(self, rd, twins, groups, pack_names, x_cal, progress) -> np.ndarray:
+        if rd.has(SENSITIVITY_FILE):
+            rec = rd.read_json(SENSITIVITY_FILE)
+            want = self._table_record("kl", pack_names, np.zeros((0,)))
+            if all(rec.get(k) == want[k] for k in ("kind", "acts", "candidates", "packs")):
+                return np.asarray(rec["table"], dtype=np.float64)
+        table = sensitivity.kl_sensitivity(twins.qsplit, twins.fsplit, groups, self.candidates, x_cal,
+                                           twins.device, act_bits_of=self._acts, progress=progress)
+        rd.write_json(SENSITIVITY_FILE, self._table_record("kl", pack_names, table))
+        return table
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-ready summary for results.json (``mp``): the config, the budget and what the
+        allocation achieved."""
+        a = self.allocation
+        return {
+            "policy": self.cfg.policy,
+            "avg_bits": self.target_avg_bits,  # the budget the allocation was held to
+            "target_w_bits": self.w_bits,
+            "target_a_bits": self.a_bits,
+            "achieved_w_bits": None if a is None else a.avg_bits,
+            "candidates": list(self.candidates),
+            "sensitivity": self.cfg.sensitivity,
+            "acts": self.cfg.acts,
+            "solver": None if a is None else (a.solver or self.cfg.policy),
+            "prefix_bits": self.prefix_bits,
+            "suffix_bits": self.suffix_bits,
+            "feasible_range": None if self.feasible is None else list(self.feasible),
+            "cost": None if a is None else a.cost,
+            "bits": None if a is None else list(a.bits),
+            "a_bits": self.act_bits,
+        }

@@ -1,0 +1,120 @@
+"""Packing policies: how the blocks are grouped into reconstruction units.
+
+Each policy is a ``PACKING`` registry entry that states what it needs and produces: whether it
+needs block scores, what its units are made of (``packs``, ``layers`` or ``none``), which
+``packing.*`` options it reads, and the function that forms the packs."""
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from packptq.config import ConfigError
+from packptq.registry import Registry
+from packptq.scores import SCORE_LOSSES
+
+#: form(block_names, scores, cfg, seed) -> packs (lists of consecutive block indices, in order)
+FormFn = Callable[[List[str], Optional[Sequence[float]], "PackingConfig", int], List[List[int]]]
+
+
+@dataclass(frozen=True)
+class PackingPolicy:
+    form: FormFn
+    needs_scores: bool = False
+    units: str = "packs"  # packs | layers (every QuantLayer of the blocks) | none
+    required: Tuple[str, ...] = ()  # packing.* options that must be set
+
+
+PACKING: Registry[PackingPolicy] = Registry("packing policy")
+
+
+@dataclass
+class PackingConfig:
+    policy: str = "hessian"  # a PACKING entry: none | layer | block | hessian | fixed | net | random | manual
+    loss: str = "kl"  # importance-score loss, a SCORE_LOSSES entry: kl | ce | official
+    size: int = 2  # blocks per pack for `fixed`
+    packs: Optional[List[List[str]]] = None  # block names per pack for `manual`
+    seed: Optional[int] = None  # `random` boundaries (default: the run seed)
+
+    def __post_init__(self) -> None:
+        if self.policy not in PACKING:
+            raise ConfigError(f"unknown packing.policy '{self.policy}'; known: {', '.join(PACKING.names())}")
+        if self.loss not in SCORE_LOSSES:
+            raise ConfigError(f"packing.loss={self.loss}; use one of {', '.join(SCORE_LOSSES.names())}")
+        if self.size < 1:
+            raise ConfigError(f"packing.size={self.size} must be >= 1")
+        for key in self.entry.required:
+            if not getattr(self, key):
+                raise ConfigError(f"packing={self.policy} needs packing.{key} (e.g. packing.packs=[[block,...],[...]], "
+                                  "block names)")
+
+    @property
+    def entry(self) -> PackingPolicy:
+        return PACKING.get(self.policy)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.entry.needs_scores
+
+
+def make_packs(cfg: PackingConfig, names: List[str], scores: Optional[Sequence[float]], seed: int) -> List[List[int]]:
+    """The packs of ``cfg.policy`` over the blocks ``names`` (``scores``: S per block or None)."""
+    if cfg.needs_scores and scores is None:
+        raise ValueError(f"packing={cfg.policy} needs block scores")
+    return cfg.entry.form(names, scores, cfg, seed)
+
+
+def hessian_packs(scores: Sequence[float]) -> List[List[int]]:
+    """Adaptive packing: scan the scope [0, t_e], cut a pack at argmin(S) (leftmost on ties),
+    shrink the scope to its left, repeat. Packs start exactly at the strict running minima."""
+    packs: List[List[int]] = []
+    te = len(scores) - 1
+    while te >= 0:
+        window = list(scores[: te + 1])
+        tmin = min(range(len(window)), key=lambda i: (window[i], i))
+        packs.insert(0, list(range(tmin, te + 1)))
+        te = tmin - 1
+    return packs
+
+
+def _each_block(names, scores, cfg, seed):
+    return [[i] for i in range(len(names))]
+
+
+def _random_packs(names, scores, cfg, seed):
+    """Same pack-size histogram as Hessian packing, sizes in a seeded random order."""
+    sizes = [len(p) for p in hessian_packs(scores)]
+    _random.Random(cfg.seed if cfg.seed is not None else seed).shuffle(sizes)
+    packs, i = [], 0
+    for s in sizes:
+        packs.append(list(range(i, i + s)))
+        i += s
+    return packs
+
+
+def _manual(names, scores, cfg, seed):
+    index = {n: i for i, n in enumerate(names)}
+    packs = []
+    for p in cfg.packs:
+        unknown = [n for n in p if n not in index]
+        if unknown:
+            raise ConfigError(f"packing.packs names unknown blocks {unknown}; blocks are {names}")
+        packs.append([index[n] for n in p])
+    flat = [i for p in packs for i in p]
+    if flat != list(range(len(names))):
+        raise ConfigError("packing.packs must list every block exactly once, contiguous and in order; "
+                          f"blocks are {names}")
+    return packs
+
+
+PACKING.register("none")(PackingPolicy(form=lambda names, scores, cfg, seed: [], units="none"))
+PACKING.register("layer")(PackingPolicy(form=_each_block, units="layers"))  # AdaRound
+PACKING.register("block")(PackingPolicy(form=_each_block))  # BRECQ / QDrop
+PACKING.register("net")(PackingPolicy(form=lambda names, scores, cfg, seed: [list(range(len(names)))]))
+PACKING.register("fixed")(PackingPolicy(
+    form=lambda names, scores, cfg, seed: [list(range(i, min(i + cfg.size, len(names))))
+                                           for i in range(0, len(names), cfg.size)]))
+PACKING.register("hessian")(PackingPolicy(form=lambda names, scores, cfg, seed: hessian_packs(scores),
+                                          needs_scores=True))
+PACKING.register("random")(PackingPolicy(form=_random_packs, needs_scores=True))
+PACKING.register("manual")(PackingPolicy(form=_manual, required=("packs",)))

@@ -1,0 +1,140 @@
+"""A packptq run: the phases in order. Each phase lives in its own module and writes its
+artifact in the run directory; a resumed run reads the artifacts it finds instead of
+recomputing them.
+
+fp (``fp``: build, train or load; ``fp.json``) -> calibrate (``calibration``: quantized and FP
+twins; ``rtn.json``) -> score (``scores``: block importance; ``scores.json``) -> pack
+(``packing``; ``packs.json``) -> bits (``mp``: mixed precision; ``bits.json``) -> recon
+(``recon``: unit by unit; ``unit_XX.pt``) -> eval (``results.json``)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from packptq import fp, mp
+from packptq.artifacts import RunDir, hash_obj
+from packptq.calibration import calibrate_twins
+from packptq.config import typed
+from packptq.data import build_datamodule
+from packptq.evaluate import evaluate, predict, print_table, top1
+from packptq.packing import PackingConfig, make_packs
+from packptq.quant import QuantConfig
+from packptq.recon import ReconConfig, ReconSequence, plan_units
+from packptq.runtime import Timer, device_of, log_metrics, log_table, quiet_lightning, set_threads, trainer_kwargs
+from packptq.scores import hessian_scores
+from packptq.zoo.build import ModelConfig
+
+#: config keys that do not change results (excluded from the resume fingerprint)
+VOLATILE = ("logger", "trainer", "threads", "progress", "run_dir", "cache_dir", "hydra")
+
+
+def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
+    """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
+    timer, seed, progress = Timer(), int(cfg.seed), bool(cfg.get("progress", True))
+    quiet_lightning()
+    set_threads(cfg.get("threads"))
+    # every section is validated before any heavy work
+    qcfg = typed(QuantConfig, cfg.quant, "quant")
+    rcfg = typed(ReconConfig, cfg.recon, "recon")
+    pcfg = typed(PackingConfig, cfg.packing, "packing")
+    mcfg = typed(ModelConfig, cfg.model, "model")
+    mp_plan = mp.plan(cfg.mp, qcfg)
+    dm = build_datamodule(cfg.data)
+    trainer_kw = trainer_kwargs(cfg.get("trainer"))
+    device = device_of(trainer_kw)
+    rd = RunDir(cfg.run_dir)
+    bs = dm.cfg.batch_size  # every forward pass over a tensor set
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+
+    with timer.phase("fp"):
+        model = fp.build(mcfg, dm)
+        dm.setup()
+        x_cal, y_cal = dm.calib_tensors()
+        split = fp.split(model, mcfg, x_cal[:2])
+        if mp_plan is not None:  # an impossible bit budget stops here, before FP training
+            mp_plan.check_feasible(model, split)
+        resumed = rd.guard(hash_obj({**cfg_dict, "_fp_model": fp.identity(mcfg, dm.cfg)}, VOLATILE),
+                           dm.fingerprint())
+        model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger).to(device)
+
+        def fp_eval() -> dict:
+            preds, labels = predict(model, dm.test_dataloader(), device)
+            return {"fp_top1": top1(preds, labels, dm.meta()["num_classes"]), "preds": preds.tolist()}
+
+        fp_res = rd.cached_json("fp.json", fp_eval)
+        fp_top1, fp_preds = fp_res["fp_top1"], torch.tensor(fp_res["preds"])
+        log_metrics(logger, {"eval/fp_top1": fp_top1})
+    print(f"[packptq] {mcfg.name} on {dm.cfg.name}: FP top-1 {fp_top1:.2f}%  "
+          f"({'resuming ' if resumed else ''}run dir {rd.path})")
+
+    num_classes = dm.meta()["num_classes"]
+    with timer.phase("calibrate"):
+        twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device)
+        del model, split  # the unfolded FP network: the twins are what the phases below use
+        rtn = rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
+                                                          fp_preds, num_classes))
+    print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
+
+    scores = None
+    if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):
+        with timer.phase("score"):
+            scores = rd.cached_json("scores.json", lambda: hessian_scores(
+                twins.fsplit, twins.qsplit, x_cal, y_cal, pcfg.loss, batch_size=bs, device=device,
+                progress=progress))
+            log_table(logger, "packing/scores", ["block", "S", "omega"],
+                      [list(r) for r in zip(scores["names"], scores["S"], scores["omega"])])
+
+    names = twins.block_names
+    with timer.phase("pack"):
+        packs = make_packs(pcfg, names, scores["S"] if scores else None, seed)
+        rd.record("packs.json", {"policy": pcfg.policy, "packs": [[names[i] for i in p] for p in packs]})
+        log_table(logger, "packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)]
+                                                               for j, p in enumerate(packs)])
+
+    with timer.phase("bits"):
+        pack_bits = None
+        if mp_plan is not None:
+            pack_bits = mp_plan.allocate(rd, twins, packs, scores, x_cal, progress=progress)
+            desc = mp_plan.describe()
+            log_metrics(logger, {"mp/achieved_w_bits": desc["achieved_w_bits"], "mp/budget_avg_bits": desc["avg_bits"]})
+            log_table(logger, "mp/bits", ["pack", "blocks", "w_bits", "a_bits"],
+                      [[j, " ".join(names[b] for b in p), w, a] for j, (p, w, a)
+                       in enumerate(zip(packs or [[b] for b in range(len(names))], pack_bits, desc["a_bits"]))])
+        acct = mp.bit_accounting(twins.qmodel)
+        print(f"[packptq] bits: average weight {acct['w_bits_avg']:.4f}, activation "
+              f"{acct['a_bits_avg'] if acct['a_bits_avg'] is None else round(acct['a_bits_avg'], 4)}, "
+              f"size {acct['size_bytes']} bytes over {acct['n_weights']} weights")
+
+    units = plan_units(pcfg.entry.units, packs, twins)
+    with timer.phase("recon"):
+        unit_losses = ReconSequence(twins, units, rcfg, rd, seed, bs, trainer_kw, logger, progress).run(x_cal)
+
+    with timer.phase("eval"):
+        final = evaluate(twins.qmodel, dm.test_dataloader(), device, fp_preds, num_classes)
+    results = {
+        "model": mcfg.name, "data": dm.cfg.name, "seed": seed,
+        "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
+                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")},
+        "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
+        "mp": mp_plan.describe() if mp_plan is not None else {"policy": "none"},
+        "fp_top1": fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
+        "rtn_agreement": rtn["agreement"],
+        **acct,
+        "units": [u.names for u in units], "unit_keys": [u.key for u in units],
+        "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
+        "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
+        "recon_loss": {k: [v[0], v[-1]] for k, v in unit_losses.items() if v},
+        "time_s": timer.times, "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
+        "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
+    }
+    rd.write_json("results.json", results)
+    log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"],
+                         "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
+                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"],
+                         **{f"time/{k}_s": v for k, v in timer.times.items()},
+                         **{f"recon_loss/{k}": v[-1] for k, v in unit_losses.items() if v}})
+    print_table(results)
+    return results
+

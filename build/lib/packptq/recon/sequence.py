@@ -1,0 +1,195 @@
+"""The reconstruction sequence: which units are fitted, in which order, and the loop that fits
+them one after another.
+
+Order: prefix layers one by one, then the packs in order (or, for layer-wise reconstruction,
+every layer of every block), then suffix layers one by one. The loop keeps the quantized-model
+and FP activations at the current position over the calibration set; each unit is fitted from
+its activation cache, frozen (hard rounding, no drop), saved as ``unit_XX.pt`` and advanced
+past, so the next unit's quantized input comes from the final quantized unit. A unit whose file
+exists is loaded instead of fitted (resume)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from packptq.artifacts import RunDir
+from packptq.evaluate import capture, forward_all
+from packptq.quant import QuantLayer, freeze
+from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.twins import Twins
+
+#: what a reconstruction unit is made of (a packing policy's ``units``)
+UNIT_KINDS = ("none", "layers", "packs")
+
+
+@dataclass
+class Unit:
+    key: str  # e.g. prefix_00, pack_03, layer_12, suffix_00 (the logging namespace)
+    segment: str  # prefix | blocks | suffix
+    blocks: List[int]  # block indices the unit spans (the block holding a layer unit)
+    layer: Optional[str] = None  # dotted QuantLayer name for layer units
+    names: List[str] = field(default_factory=list)  # module names trained in this unit
+
+
+def plan_units(kind: str, packs: List[List[int]], twins: Twins) -> List[Unit]:
+    """The units of a run, in reconstruction order. ``kind``: ``none`` (nothing is
+    reconstructed), ``layers`` (every QuantLayer inside the blocks is a unit) or ``packs``."""
+    if kind == "none":
+        return []
+    units = [Unit(f"prefix_{i:02d}", "prefix", [], n, [n]) for i, n in enumerate(twins.prefix_layers)]
+    if kind == "layers":
+        k = 0
+        for b, layers in enumerate(twins.block_layers):
+            for n in layers:
+                units.append(Unit(f"layer_{k:02d}", "blocks", [b], n, [n]))
+                k += 1
+    else:
+        names = twins.block_names
+        for j, p in enumerate(packs):
+            units.append(Unit(f"pack_{j:02d}", "blocks", list(p), None, [names[b] for b in p]))
+    units += [Unit(f"suffix_{i:02d}", "suffix", [], n, [n]) for i, n in enumerate(twins.suffix_layers)]
+    return units
+
+
+def unit_iters(unit: Unit, cfg: ReconConfig) -> int:
+    """Steps for ``unit``: ``recon.iters``, times the pack's block count with ``iters_per=block``."""
+    if cfg.iters_per == "block" and unit.layer is None and len(unit.blocks) > 1:
+        return cfg.iters * len(unit.blocks)
+    return cfg.iters
+
+
+# -- unit artifacts -------------------------------------------------------------------------
+def _is_fp_param(key: str) -> bool:
+    # FP weights and biases never change during PTQ: they come from the FP model, not artifacts
+    return key.endswith((".layer.weight", ".layer.bias")) or not any(
+        t in key for t in ("wq.", "aq.", "_quant.", "alpha", "scale", "zero_point", "initialized", "elems_per_sample"))
+
+
+def unit_state(module: nn.Module) -> dict:
+    """What PTQ changed in ``module``: quantizer parameters, and AdaRound's hard rounding
+    decisions stored as booleans (only the sign of V matters once frozen)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if _is_fp_param(k):
+            continue
+        out[k] = (v >= 0) if k.endswith("alpha") else v.detach().cpu()
+    return out
+
+
+def load_unit_state(module: nn.Module, sd: dict) -> None:
+    """Restore a reconstructed unit (creating its AdaRound variables first) and freeze it."""
+    for name, m in module.named_modules():
+        key = f"{name}.alpha" if name else "alpha"
+        if hasattr(m, "init_adaround") and key in sd:
+            m.alpha = nn.Parameter(torch.zeros(sd[key].shape), requires_grad=False)
+            m.mode = "hard"
+    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items()}
+    res = module.load_state_dict(sd, strict=False)
+    if res.unexpected_keys or any(not _is_fp_param(k) for k in res.missing_keys):
+        raise ValueError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
+                         f"unexpected {res.unexpected_keys[:5]}")
+    freeze(module)
+
+
+def channel_dim(unit_module: nn.Module) -> int:
+    """The channel axis of a unit's output: last for a unit ending in a Linear, else 1."""
+    layers = [m for m in unit_module.modules() if isinstance(m, QuantLayer)]
+    return -1 if layers and isinstance(layers[-1].layer, nn.Linear) else 1
+
+
+class _Chain(nn.Sequential):
+    """Consecutive blocks run as one unit (a pack)."""
+
+
+# -- the loop -------------------------------------------------------------------------------
+@dataclass
+class ReconSequence:
+    """Fits ``units`` of ``twins`` in order over the calibration inputs ``x`` [n, ...]."""
+
+    twins: Twins
+    units: List[Unit]
+    cfg: ReconConfig
+    rd: RunDir
+    seed: int
+    batch_size: int  # forward passes that build the caches
+    trainer_kwargs: dict
+    logger: object = None
+    progress: bool = True
+
+    def run(self, x: torch.Tensor) -> Dict[str, List[float]]:
+        """Reconstruct every unit; returns {unit key: per-step losses} (loaded units read their
+        losses back from ``unit_XX.json``)."""
+        self.losses: Dict[str, List[float]] = {}
+        if not self.units:
+            return self.losses
+        t, dev, bs = self.twins, self.twins.device, self.batch_size
+        self._bar = tqdm(total=len(self.units), desc="reconstruct", disable=not self.progress)
+        self._step_offset = 0
+        t.qmodel.to(dev)
+        t.fp.to(dev)
+        q_h = f_h = x
+        i = 0
+        while i < len(self.units) and self.units[i].segment == "prefix":
+            i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h)
+        q_h, f_h = forward_all(t.qsplit.prefix, q_h, bs, dev), forward_all(t.fsplit.prefix, f_h, bs, dev)
+        qblocks, fblocks = [b for _, b in t.qsplit.blocks], [b for _, b in t.fsplit.blocks]
+        while i < len(self.units) and self.units[i].segment == "blocks":
+            u = self.units[i]
+            if u.layer is None:  # a pack: its FP output is the cache target and the next FP input
+                chain_q = _Chain(*[qblocks[b] for b in u.blocks])
+                f_out = forward_all(_Chain(*[fblocks[b] for b in u.blocks]), f_h, bs, dev)
+                self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, f_out, self.cfg.cache_dtype))
+                i += 1
+                f_h = f_out
+            else:  # the layers of one block, then past the block
+                b = u.blocks[0]
+                while i < len(self.units) and self.units[i].segment == "blocks" and self.units[i].blocks == [b]:
+                    i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h)
+                chain_q = qblocks[b]
+                f_h = forward_all(fblocks[b], f_h, bs, dev)
+            q_h = forward_all(chain_q, q_h, bs, dev)
+        while i < len(self.units):
+            i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h)
+        self._bar.close()
+        t.qmodel.eval()
+        return self.losses
+
+    def _layer_unit(self, i: int, q_fn, f_fn, q_h: torch.Tensor, f_h: torch.Tensor) -> int:
+        """Fit the layer unit ``i``, whose inputs come from running ``q_fn`` / ``f_fn`` (the
+        part holding the layer) on ``q_h`` / ``f_h``; returns the next unit's index."""
+        ql, fl = self.twins.pair(self.units[i].layer)
+        bs, dev = self.batch_size, self.twins.device
+
+        def cache() -> ActivationCache:
+            q_in, _ = capture(q_fn, q_h, ql, bs, dev)
+            f_in, f_out = capture(f_fn, f_h, fl, bs, dev)
+            return ActivationCache(q_in, f_in, f_out, self.cfg.cache_dtype)
+
+        self._fit(i, ql, cache)
+        return i + 1
+
+    def _fit(self, i: int, module: nn.Module, make_cache: Callable[[], ActivationCache]) -> None:
+        u, rd = self.units[i], self.rd
+        name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
+        self._bar.set_postfix_str(u.key)
+        ucfg = replace(self.cfg, iters=unit_iters(u, self.cfg))
+        if rd.has(name):
+            load_unit_state(module, rd.load_pt(name))
+            if rd.has(record):
+                self.losses[u.key] = rd.read_json(record).get("loss", [])
+        else:
+            cache = make_cache()
+            ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
+                                  self.trainer_kwargs, self.logger, self._step_offset)
+            del cache
+            module.to(self.twins.device)
+            rd.save_pt(name, unit_state(module))
+            # every step's loss: results.json of a resumed run reports them as a fresh run does
+            rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls})
+            self.losses[u.key] = ls
+        self._step_offset += ucfg.iters
+        self._bar.update(1)

@@ -1,0 +1,93 @@
+"""What a run needs from its process: torch threads, quiet Lightning, the validated trainer
+arguments and the device they select, phase timing, and logging helpers that never fail a run."""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from packptq.config import ConfigError
+
+#: what packptq passes to every lightning.Trainer it builds; trainer.* overrides these
+TRAINER_DEFAULTS = dict(accelerator="auto", devices=1, enable_checkpointing=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+
+
+class Timer:
+    """Wall time per phase, in seconds (a phase entered twice adds up)."""
+
+    def __init__(self) -> None:
+        self.times: Dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def trainer_kwargs(section: Optional[DictConfig]) -> dict:
+    """The ``trainer`` section as lightning.Trainer keyword arguments; an unknown key is a
+    ConfigError before any compute."""
+    import lightning as L
+
+    kwargs = OmegaConf.to_container(section, resolve=True) if section else {}
+    kwargs.pop("_target_", None)
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    bad = sorted(set(kwargs) - known)
+    if bad:
+        raise ConfigError(f"unknown trainer option(s) {bad}; trainer.* takes lightning.Trainer arguments")
+    return kwargs
+
+
+def device_of(kwargs: dict) -> torch.device:
+    """The device Lightning picks for ``kwargs`` (accelerator and devices): forward passes
+    outside a Trainer (calibration, scores, evaluation) run where training runs."""
+    from lightning.fabric import Fabric
+
+    try:
+        return Fabric(accelerator=kwargs.get("accelerator", "auto"), devices=kwargs.get("devices", 1),
+                      precision=kwargs.get("precision", "32-true")).device
+    except Exception as exc:  # e.g. accelerator=gpu on a machine without one
+        raise ConfigError(f"trainer settings cannot run here: {str(exc).splitlines()[0]}") from None
+
+
+def set_threads(threads) -> None:
+    """Torch threads: the config's, else one per job under submitit's local executor (jobs of a
+    sweep run side by side), else the SLURM allocation's CPUs, else torch's default."""
+    if threads in (None, "", "null"):
+        threads = 1 if os.environ.get("SUBMITIT_LOCAL_JOB_ID") else os.environ.get("SLURM_CPUS_PER_TASK")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def quiet_lightning() -> None:
+    """Each unit is one Trainer.fit: keep Lightning's per-fit banners and known-benign warnings
+    (eval-mode units, its own deprecations) out of the run's output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pat in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*does not have many workers.*",
+                ".*litlogger.*", ".*GPU available.*"):
+        warnings.filterwarnings("ignore", message=pat)
+
+
+def log_metrics(logger, metrics: dict) -> None:
+    if logger is not None:
+        logger.log_metrics({k: v for k, v in metrics.items() if v is not None})
+
+
+def log_table(logger, key: str, columns: List[str], rows: List[list]) -> None:
+    if logger is not None and hasattr(logger, "log_table"):
+        try:
+            logger.log_table(key=key, columns=columns, data=rows)
+        except Exception:  # tables are a nicety; never fail a run on them
+            pass
