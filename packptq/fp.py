@@ -119,6 +119,16 @@ def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Sp
     return s
 
 
+def weights_file(model_cfg: ModelConfig, data_cfg, cache_dir) -> Optional[Path]:
+    """The file holding the FP weights: the training cache entry or the checkpoint (None for
+    library weights)."""
+    if model_cfg.checkpoint:
+        return Path(model_cfg.checkpoint)
+    if trains(model_cfg):
+        return Path(cache_dir) / "fp" / f"{fp_cache_key(model_cfg, data_cfg)}.pt"
+    return None
+
+
 def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict) -> nn.Module:
     """The FP weights: trained (or read from the cache) when the model needs training, else the
     model as built (checkpoint or library weights already loaded)."""

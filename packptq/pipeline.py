@@ -8,12 +8,14 @@ twins; ``rtn.json``) -> score (``scores``: block importance; ``scores.json``) ->
 (``recon``: unit by unit; ``unit_XX.pt``) -> eval (``results.json``)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from packptq import fp, mp
+from packptq import export, fp, mp
 from packptq.artifacts import RunDir, hash_obj
 from packptq.calibration import calibrate_twins
 from packptq.config import typed
@@ -24,14 +26,92 @@ from packptq.quant import QuantConfig
 from packptq.recon import ReconConfig, ReconSequence, plan_units
 from packptq.runtime import Timer, device_of, log_metrics, log_table, quiet_lightning, set_threads, trainer_kwargs
 from packptq.scores import hessian_scores
+from packptq.twins import Twins
 from packptq.zoo.build import ModelConfig
 
 #: config keys that do not change results (excluded from the resume fingerprint)
-VOLATILE = ("logger", "trainer", "threads", "progress", "run_dir", "cache_dir", "hydra")
+VOLATILE = ("logger", "trainer", "threads", "progress", "run_dir", "cache_dir", "hydra", "export")
+
+
+@dataclass
+class Quantized:
+    """What the phases up to reconstruction hand to the evaluation (and to export): the twins
+    (``twins.qmodel`` is the quantized model), the datamodule, and every phase's output."""
+
+    twins: Twins
+    dm: object
+    timer: Timer
+    device: torch.device
+    qcfg: QuantConfig
+    pcfg: PackingConfig
+    mcfg: ModelConfig
+    mp_plan: object
+    fp_top1: float
+    fp_preds: torch.Tensor
+    rtn: dict
+    info: dict  # quantize_phases' output: scores, packs, pack_bits, acct, units, unit_losses
+    x_cal: torch.Tensor
+    cfg_dict: dict
+    rd: RunDir
 
 
 def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
+    qz = quantized(cfg, logger)
+    twins, dm, device, qcfg, pcfg, mcfg, info = qz.twins, qz.dm, qz.device, qz.qcfg, qz.pcfg, qz.mcfg, qz.info
+    num_classes = dm.meta()["num_classes"]
+    with qz.timer.phase("eval"):
+        final = evaluate(twins.qmodel, dm.test_dataloader(), device, qz.fp_preds, num_classes)
+    scores, packs, names, acct, rtn = info["scores"], info["packs"], twins.block_names, info["acct"], qz.rtn
+    results = {
+        "model": mcfg.name, "data": dm.cfg.name, "seed": int(cfg.seed),
+        "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
+                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")},
+        "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
+        "mp": qz.mp_plan.describe() if qz.mp_plan is not None else {"policy": "none"},
+        "fp_top1": qz.fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
+        "rtn_agreement": rtn["agreement"],
+        **acct,
+        "units": [u.names for u in info["units"]], "unit_keys": [u.key for u in info["units"]],
+        "packs": [[names[i] for i in p] for p in packs], "bits": info["pack_bits"],
+        "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
+        "recon_loss": {k: [v[0], v[-1]] for k, v in info["unit_losses"].items() if v},
+        "time_s": qz.timer.times, "calib_fingerprint": dm.fingerprint(), "calib_size": len(qz.x_cal),
+        "overrides": list(overrides or []), "config": qz.cfg_dict, "run_dir": str(qz.rd.path),
+    }
+    if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
+        results["export"] = export_run(qz, str(cfg.export))
+    qz.rd.write_json("results.json", results)
+    log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"],
+                         "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
+                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"]})
+    print_table(results)
+    return results
+
+
+def export_run(qz: Quantized, fmt: str, out=None, n_check: int = 512) -> dict:
+    """Export the run's quantized model as ``fmt`` (pt | onnx) to ``out`` (default
+    RUN_DIR/quantized.FMT), checked against it on up to ``n_check`` test inputs; the dict of
+    ``export.export_quantized`` plus the FP weights file's size (``fp_bytes``)."""
+    xs, n = [], 0
+    for x, _ in qz.dm.test_dataloader():
+        xs.append(x)
+        n += len(x)
+        if n >= n_check:
+            break
+    rec = export.recipe(qz.mcfg, qz.dm.meta(), qz.qcfg, qz.x_cal[:2].shape)
+    res = export.export_quantized(qz.twins.qmodel, rec, fmt, out or export.default_path(qz.rd.path, fmt),
+                                  torch.cat(xs)[:n_check])
+    fp_file = fp.weights_file(qz.mcfg, qz.dm.cfg, qz.cfg_dict["cache_dir"])
+    res["fp_bytes"] = fp_file.stat().st_size if fp_file is not None and fp_file.is_file() else None
+    print(f"[packptq] export {fmt}: {res['path']} ({res['bytes']} bytes; FP weights {res['fp_bytes']} bytes); "
+          f"top-1 agreement with the quantized model {res['agreement']:.2f}% on {res['n']} test inputs")
+    return res
+
+
+def quantized(cfg: DictConfig, logger=None) -> Quantized:
+    """The phases fp .. recon for ``cfg``: the quantized model of the run in ``cfg.run_dir``
+    (a finished run directory is read back: every phase finds its artifact)."""
     timer, seed, progress = Timer(), int(cfg.seed), bool(cfg.get("progress", True))
     quiet_lightning()
     set_threads(cfg.get("threads"))
@@ -70,12 +150,31 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
           f"({'resuming ' if resumed else ''}run dir {rd.path})")
 
     num_classes = dm.meta()["num_classes"]
+    rtn = {}
+
+    def after_calibrate(twins: Twins) -> None:
+        rtn.update(rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
+                                                               fp_preds, num_classes)))
+        print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
+
+    twins, info = quantize_phases(model, split, x_cal, y_cal, qcfg, pcfg, rcfg, mp_plan, rd, seed, bs,
+                                  trainer_kw, device, timer, logger, progress, after_calibrate)
+    return Quantized(twins, dm, timer, device, qcfg, pcfg, mcfg, mp_plan, fp_top1, fp_preds, rtn, info,
+                     x_cal, cfg_dict, rd)
+
+
+def quantize_phases(model: nn.Module, split, x_cal: torch.Tensor, y_cal: torch.Tensor, qcfg: QuantConfig,
+                    pcfg: PackingConfig, rcfg: ReconConfig, mp_plan, rd: RunDir, seed: int, bs: int,
+                    trainer_kw: dict, device: torch.device, timer: Timer, logger=None, progress: bool = False,
+                    after_calibrate: Optional[Callable[[Twins], None]] = None) -> Tuple[Twins, dict]:
+    """The phases calibrate .. recon on the FP ``model`` (``split`` its blocks; ``model`` is
+    consumed): the twins and a dict of what the phases found (scores, packs, pack_bits, acct,
+    units, unit_losses). ``after_calibrate(twins)`` runs on the initialised (RTN) model."""
     with timer.phase("calibrate"):
         twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device)
         del model, split  # the unfolded FP network: the twins are what the phases below use
-        rtn = rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
-                                                          fp_preds, num_classes))
-    print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
+        if after_calibrate is not None:
+            after_calibrate(twins)
 
     scores = None
     if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):
@@ -111,28 +210,5 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     with timer.phase("recon"):
         unit_losses = ReconSequence(twins, units, rcfg, rd, seed, bs, trainer_kw, logger, progress).run(x_cal)
 
-    with timer.phase("eval"):
-        final = evaluate(twins.qmodel, dm.test_dataloader(), device, fp_preds, num_classes)
-    results = {
-        "model": mcfg.name, "data": dm.cfg.name, "seed": seed,
-        "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
-                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")},
-        "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
-        "mp": mp_plan.describe() if mp_plan is not None else {"policy": "none"},
-        "fp_top1": fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
-        "rtn_agreement": rtn["agreement"],
-        **acct,
-        "units": [u.names for u in units], "unit_keys": [u.key for u in units],
-        "packs": [[names[i] for i in p] for p in packs], "bits": pack_bits,
-        "scores": scores["S"] if scores else None, "omega": scores["omega"] if scores else None,
-        "recon_loss": {k: [v[0], v[-1]] for k, v in unit_losses.items() if v},
-        "time_s": timer.times, "calib_fingerprint": dm.fingerprint(), "calib_size": len(x_cal),
-        "overrides": list(overrides or []), "config": cfg_dict, "run_dir": str(rd.path),
-    }
-    rd.write_json("results.json", results)
-    log_metrics(logger, {"eval/quant_top1": final["top1"], "eval/rtn_top1": rtn["top1"],
-                         "eval/agreement": final["agreement"], "eval/w_bits_avg": acct["w_bits_avg"],
-                         "eval/a_bits_avg": acct["a_bits_avg"] or 0.0, "eval/size_bytes": acct["size_bytes"]})
-    print_table(results)
-    return results
-
+    return twins, {"scores": scores, "packs": packs, "pack_bits": pack_bits, "acct": acct, "units": units,
+                   "unit_losses": unit_losses}

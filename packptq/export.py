@@ -1,0 +1,281 @@
+"""Deployable artefacts of a quantized model.
+
+``pt``: a self-contained checkpoint (``save_quantized`` / ``load_quantized``). Every quantized
+layer's weight is stored as its integer codes k in 0..2^b-1 (b <= 4: two codes per byte, low
+nibble first; b > 4: one uint8 per code) with its per-output-channel scale and zero point (the
+weight is (k - zp) * scale); the activation quantizers' parameters (uniform: scale, zero point,
+bits; log-sqrt(2): scale, bits), the parameters that stay in floating point (biases, norms,
+embeddings, position tables) and the recipe that rebuilds the architecture (model config for
+the zoo builder, dataset meta, quantization config, example input shape) travel with them.
+``load_quantized`` needs neither the run directory nor the FP weights.
+
+``onnx``: QuantizeLinear/DequantizeLinear (opset 17). Weights are uint8 initialisers of their
+integer codes followed by a per-axis DequantizeLinear; every activation quantizer becomes a
+QuantizeLinear -> DequantizeLinear pair in uint8, followed for b < 8 by a Clip to the
+dequantized ends of 0..2^b-1, which is the same as clamping the integers. The log-sqrt(2)
+softmax quantizer has no exact standard-operator form and is refused (``ExportError``)."""
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from packptq.config import ConfigError
+from packptq.quant import QuantConfig, quantize_model
+from packptq.quant.modules import QuantLayer
+from packptq.quant.quantizer import ActQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
+from packptq.zoo.build import ModelConfig, build_model
+
+FORMAT = "packptq-quantized"
+VERSION = 1
+OPSET = 17
+
+
+class ExportError(ConfigError):
+    """A model or format that cannot be exported faithfully."""
+
+
+# ----------------------------------------------------------------------------- integer codes
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes -> a flat uint8 tensor: two codes per byte (low nibble first) for bits <= 4,
+    else one per byte."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits > 4:
+        return flat.clone()
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    n = int(torch.Size(shape).numel())
+    if bits > 4:
+        return packed[:n].reshape(shape)
+    out = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
+    return out[:n].reshape(shape)
+
+
+def weight_codes(layer: QuantLayer) -> torch.Tensor:
+    """The integer weight codes (uint8) the layer computes with (hard rounding if AdaRound ran)."""
+    return layer.wq.integer_weight(layer.layer.weight.detach()).to(torch.uint8)
+
+
+def _dequant(codes: torch.Tensor, wq: WeightQuantizer) -> torch.Tensor:
+    s, z = wq._sz(codes)
+    return (codes.to(s.dtype) - z) * s
+
+
+# ----------------------------------------------------------------------------- pt format
+def recipe(model_cfg: ModelConfig, meta: dict, qcfg: QuantConfig, example_shape) -> dict:
+    """How to rebuild the architecture: the zoo builder's config (without weight sources), the
+    dataset meta, the quantization config and the shape of an example input batch."""
+    mc = asdict(model_cfg)
+    mc.update(checkpoint=None, pretrained=False)
+    return {"builder": model_cfg.name, "model": mc, "meta": dict(meta), "quant": asdict(qcfg),
+            "example_shape": list(example_shape)}
+
+
+def quantized_state(qmodel: nn.Module, rec: dict) -> dict:
+    """The pt checkpoint of ``qmodel`` (a dict, see the module docstring)."""
+    layers, skip = {}, set()
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLayer):
+            codes = weight_codes(m)
+            layers[name] = {"bits": m.wq.bits, "shape": list(codes.shape), "codes": pack_codes(codes.cpu(), m.wq.bits),
+                            "container": "uint4x2" if m.wq.bits <= 4 else "uint8"}
+            skip.update({f"{name}.layer.weight", f"{name}.wq.alpha"})
+    state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items() if k not in skip}
+    attrs = {}
+    for name, m in qmodel.named_modules():
+        if isinstance(m, QuantLayer):
+            attrs[name] = {"act_enabled": m.act_enabled}
+        elif isinstance(m, WeightQuantizer):
+            attrs[name] = {"bits": m.bits, "enabled": m.enabled}
+        elif isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)):
+            attrs[name] = {"bits": m.bits, "enabled": m.enabled}
+    return {"format": FORMAT, "version": VERSION, "recipe": rec, "layers": layers, "state": state, "attrs": attrs}
+
+
+def save_quantized(qmodel: nn.Module, rec: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(quantized_state(qmodel, rec), tmp)
+    tmp.replace(path)
+    return path
+
+
+def rebuild(rec: dict) -> nn.Module:
+    """The quantized architecture of a recipe, with uninitialised quantizers and random weights."""
+    mc = dict(rec["model"])
+    model = build_model(ModelConfig(**mc), dict(rec["meta"]))
+    qcfg = QuantConfig(**rec["quant"])
+    qcfg = QuantConfig(**{**asdict(qcfg), "ln_reparam": False})  # folded into the stored weights
+    quantize_model(model, qcfg, torch.zeros(rec["example_shape"]))
+    return model
+
+
+def load_quantized(path, map_location="cpu") -> nn.Module:
+    """The quantized module saved by ``save_quantized`` (``packptq-export --format pt``), in eval
+    mode: its predictions equal those of the run's quantized model."""
+    ck = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a packptq quantized checkpoint (packptq-export --format pt)")
+    model = rebuild(ck["recipe"])
+    for name, a in ck["attrs"].items():
+        m = model.get_submodule(name)
+        for k, v in a.items():
+            setattr(m, k, v)
+    # every quantizer's tensors (scale shape [] or [C]) come from the state dict
+    missing, unexpected = model.load_state_dict(ck["state"], strict=False)
+    weights = {f"{n}.layer.weight" for n in ck["layers"]}
+    if unexpected or set(missing) - weights:
+        raise ExportError(f"{path} does not match the rebuilt architecture: missing "
+                          f"{sorted(set(missing) - weights)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for name, rec in ck["layers"].items():
+            layer = model.get_submodule(name)
+            codes = unpack_codes(rec["codes"], rec["bits"], rec["shape"])
+            layer.layer.weight.copy_(_dequant(codes, layer.wq))
+            layer.wq.alpha, layer.wq.mode = None, "nearest"
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- onnx format
+class _QDQ(torch.autograd.Function):
+    """Uniform fake quantization of an activation; exported as QuantizeLinear ->
+    DequantizeLinear (uint8) [-> Clip to the dequantized ends of 0..qmax]."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zp_u8, qmax: int):
+        z = zp_u8.to(x.dtype)
+        return (torch.clamp(torch.round(x / scale) + z, 0, qmax) - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zp_u8, qmax: int):
+        q = g.op("QuantizeLinear", x, scale, zp_u8)
+        y = g.op("DequantizeLinear", q, scale, zp_u8)
+        if qmax < 255:
+            lo = g.op("Sub", g.op("Constant", value_t=torch.tensor(0.0)), g.op("Mul", g.op("Cast", zp_u8, to_i=1), scale))
+            hi = g.op("Mul", g.op("Sub", g.op("Constant", value_t=torch.tensor(float(qmax))),
+                                  g.op("Cast", zp_u8, to_i=1)), scale)
+            y = g.op("Clip", y, lo, hi)
+        return y
+
+
+class _DQ(torch.autograd.Function):
+    """Per-output-channel dequantization of integer weight codes (DequantizeLinear, axis 0)."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zp_u8):
+        shape = [-1] + [1] * (codes.dim() - 1)
+        return (codes.to(scale.dtype) - zp_u8.to(scale.dtype).view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zp_u8):
+        return g.op("DequantizeLinear", codes, scale, zp_u8, axis_i=0)
+
+
+@contextmanager
+def onnx_quantizers(model: nn.Module) -> Iterator[None]:
+    """Within: every quantizer of ``model`` computes through ``_QDQ`` / ``_DQ`` (same values,
+    exported as QDQ). Refuses models with an enabled log-sqrt(2) quantizer."""
+    for name, m in model.named_modules():
+        if isinstance(m, LogSqrt2Quantizer) and m.enabled and bool(m.initialized):
+            raise ExportError(f"{name}: the log-sqrt(2) softmax quantizer (quant.attn_prob=log2) has no exact form "
+                              "in standard ONNX operators; export a run with quant.attn_prob=uniform, or use "
+                              "--format pt")
+    patched = []
+
+    def act_forward(self, x):
+        if not self.enabled or not bool(self.initialized):
+            return x
+        s = self.scale.detach().abs().clamp(min=1e-8).float()
+        return _QDQ.apply(x, s, self.zero_point.round().to(torch.uint8), self.qmax)
+
+    def weight_forward(self, weight):
+        if not self.enabled:
+            return weight
+        return _DQ.apply(self._codes, self.scale.float(), self.zero_point.round().to(torch.uint8))
+
+    for name, m in model.named_modules():
+        if isinstance(m, UniformQuantizer):
+            m.forward = types.MethodType(act_forward, m)
+            patched.append(m)
+        elif isinstance(m, QuantLayer):
+            m.wq._codes = weight_codes(m)
+            m.wq.forward = types.MethodType(weight_forward, m.wq)
+            patched.append(m.wq)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+            if hasattr(m, "_codes"):
+                del m._codes
+
+
+def export_onnx(qmodel: nn.Module, example: torch.Tensor, path) -> Path:
+    """Write ``qmodel`` as ONNX with QDQ nodes (dynamic batch), checked by ``onnx.checker``."""
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - the export extra
+        raise ExportError("the onnx format needs `pip install packptq[export]` (onnx, onnxruntime)") from exc
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    qmodel = qmodel.eval()
+    with onnx_quantizers(qmodel), torch.no_grad():
+        torch.onnx.export(qmodel, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def onnx_predict(path, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of the ONNX model at ``path`` on ``x`` with onnxruntime (CPU)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    out = [sess.run(None, {"input": x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
+    return torch.from_numpy(__import__("numpy").concatenate(out))
+
+
+def write(fmt: str, qmodel: nn.Module, rec: dict, path) -> Path:
+    """Export ``qmodel`` in ``fmt`` (pt | onnx) to ``path``."""
+    if fmt == "pt":
+        return save_quantized(qmodel, rec, path)
+    if fmt == "onnx":
+        device = next(qmodel.parameters()).device
+        return export_onnx(qmodel, torch.zeros(rec["example_shape"], device=device), path)
+    raise ExportError(f"export format '{fmt}'; use pt|onnx")
+
+
+def default_path(run_dir, fmt: str, name: Optional[str] = None) -> Path:
+    return Path(run_dir) / f"{name or 'quantized'}.{fmt}"
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def export_quantized(qmodel: nn.Module, rec: dict, fmt: str, path, x_check: torch.Tensor) -> dict:
+    """Write ``qmodel`` as ``fmt`` to ``path``, read it back (``load_quantized`` or onnxruntime)
+    and compare its predictions with ``qmodel``'s on ``x_check``: {format, path, bytes,
+    agreement (% equal top-1), max_abs_logit_diff, n}."""
+    qmodel.eval()
+    path = write(fmt, qmodel, rec, path)
+    ref = _logits(qmodel, x_check)
+    out = _logits(load_quantized(path), x_check) if fmt == "pt" else onnx_predict(path, x_check.cpu())
+    agree = (out.argmax(1) == ref.argmax(1)).float().mean().item() * 100
+    return {"format": fmt, "path": str(path), "bytes": path.stat().st_size, "agreement": agree,
+            "max_abs_logit_diff": (out - ref).abs().max().item(), "n": len(x_check)}
