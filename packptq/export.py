@@ -149,23 +149,18 @@ def load_quantized(path, map_location="cpu") -> nn.Module:
 # ----------------------------------------------------------------------------- onnx format
 class _QDQ(torch.autograd.Function):
     """Uniform fake quantization of an activation; exported as QuantizeLinear ->
-    DequantizeLinear (uint8) [-> Clip to the dequantized ends of 0..qmax]."""
+    DequantizeLinear (uint8) -> Clip to [lo, hi], the dequantized ends of 0..qmax (omitted
+    when qmax = 255)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zp_u8, qmax: int):
+    def forward(ctx, x, scale, zp_u8, lo, hi, qmax: int):
         z = zp_u8.to(x.dtype)
         return (torch.clamp(torch.round(x / scale) + z, 0, qmax) - z) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, zp_u8, qmax: int):
-        q = g.op("QuantizeLinear", x, scale, zp_u8)
-        y = g.op("DequantizeLinear", q, scale, zp_u8)
-        if qmax < 255:
-            lo = g.op("Sub", g.op("Constant", value_t=torch.tensor(0.0)), g.op("Mul", g.op("Cast", zp_u8, to_i=1), scale))
-            hi = g.op("Mul", g.op("Sub", g.op("Constant", value_t=torch.tensor(float(qmax))),
-                                  g.op("Cast", zp_u8, to_i=1)), scale)
-            y = g.op("Clip", y, lo, hi)
-        return y
+    def symbolic(g, x, scale, zp_u8, lo, hi, qmax: int):
+        y = g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zp_u8), scale, zp_u8)
+        return y if qmax == 255 else g.op("Clip", y, lo, hi)
 
 
 class _DQ(torch.autograd.Function):
@@ -181,43 +176,53 @@ class _DQ(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zp_u8, axis_i=0)
 
 
+#: buffers the ONNX mode adds to a quantizer while exporting (initialisers of the graph)
+_ONNX_BUFFERS = ("_onnx_codes", "_onnx_scale", "_onnx_zp", "_onnx_lo", "_onnx_hi")
+
+
+def _act_forward(self, x):
+    return _QDQ.apply(x, self._onnx_scale, self._onnx_zp, self._onnx_lo, self._onnx_hi, self.qmax)
+
+
+def _weight_forward(self, weight):
+    return _DQ.apply(self._onnx_codes, self._onnx_scale, self._onnx_zp)
+
+
 @contextmanager
 def onnx_quantizers(model: nn.Module) -> Iterator[None]:
-    """Within: every quantizer of ``model`` computes through ``_QDQ`` / ``_DQ`` (same values,
-    exported as QDQ). Refuses models with an enabled log-sqrt(2) quantizer."""
+    """Within: every active quantizer of ``model`` computes through ``_QDQ`` / ``_DQ`` on
+    constant integer codes, scales and zero points (same values, exported as QDQ). Refuses
+    models with an active log-sqrt(2) quantizer."""
     for name, m in model.named_modules():
         if isinstance(m, LogSqrt2Quantizer) and m.enabled and bool(m.initialized):
             raise ExportError(f"{name}: the log-sqrt(2) softmax quantizer (quant.attn_prob=log2) has no exact form "
                               "in standard ONNX operators; export a run with quant.attn_prob=uniform, or use "
                               "--format pt")
     patched = []
-
-    def act_forward(self, x):
-        if not self.enabled or not bool(self.initialized):
-            return x
-        s = self.scale.detach().abs().clamp(min=1e-8).float()
-        return _QDQ.apply(x, s, self.zero_point.round().to(torch.uint8), self.qmax)
-
-    def weight_forward(self, weight):
-        if not self.enabled:
-            return weight
-        return _DQ.apply(self._codes, self.scale.float(), self.zero_point.round().to(torch.uint8))
-
-    for name, m in model.named_modules():
-        if isinstance(m, UniformQuantizer):
-            m.forward = types.MethodType(act_forward, m)
-            patched.append(m)
-        elif isinstance(m, QuantLayer):
-            m.wq._codes = weight_codes(m)
-            m.wq.forward = types.MethodType(weight_forward, m.wq)
-            patched.append(m.wq)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, UniformQuantizer) and m.enabled and bool(m.initialized):
+                s = m.scale.detach().abs().clamp(min=1e-8).float()
+                z = m.zero_point.detach().float()
+                m.register_buffer("_onnx_scale", s.clone())
+                m.register_buffer("_onnx_zp", z.to(torch.uint8))
+                m.register_buffer("_onnx_lo", (0 - z) * s)
+                m.register_buffer("_onnx_hi", (m.qmax - z) * s)
+                m.forward = types.MethodType(_act_forward, m)
+                patched.append(m)
+            elif isinstance(m, QuantLayer) and m.wq.enabled:
+                m.wq.register_buffer("_onnx_codes", weight_codes(m))
+                m.wq.register_buffer("_onnx_scale", m.wq.scale.detach().float().clone())
+                m.wq.register_buffer("_onnx_zp", m.wq.zero_point.detach().to(torch.uint8))
+                m.wq.forward = types.MethodType(_weight_forward, m.wq)
+                patched.append(m.wq)
     try:
         yield
     finally:
         for m in patched:
             del m.forward
-            if hasattr(m, "_codes"):
-                del m._codes
+            for b in _ONNX_BUFFERS:
+                m._buffers.pop(b, None)
 
 
 def export_onnx(qmodel: nn.Module, example: torch.Tensor, path) -> Path:
