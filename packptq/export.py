@@ -1,8 +1,9 @@
 """Deployable artefacts of a quantized model.
 
 ``pt``: a self-contained checkpoint (``save_quantized`` / ``load_quantized``). Every quantized
-layer's weight is stored as its integer codes k in 0..2^b-1 (b <= 4: two codes per byte, low
-nibble first; b > 4: one uint8 per code) with its per-output-channel scale and zero point (the
+layer's weight is stored as its integer codes k in 0..2^b-1, packed in the smallest container of
+1, 2, 4 or 8 bits that holds b bits (8 / c codes per byte, first code in the lowest bits: a
+2-bit code takes 2 bits, a 3-bit one 4) with its per-output-channel scale and zero point (the
 weight is (k - zp) * scale); the activation quantizers' parameters (uniform: scale, zero point,
 bits; log-sqrt(2): scale, bits), the parameters that stay in floating point (biases, norms,
 embeddings, position tables) and the recipe that rebuilds the architecture (model config for
@@ -41,22 +42,31 @@ class ExportError(ConfigError):
 
 
 # ----------------------------------------------------------------------------- integer codes
+def container_bits(bits: int) -> int:
+    """The smallest of 1, 2, 4, 8 bits that holds a ``bits``-bit code."""
+    return next(c for c in (1, 2, 4, 8) if c >= bits)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes -> a flat uint8 tensor: two codes per byte (low nibble first) for bits <= 4,
-    else one per byte."""
+    """uint8 codes -> a flat uint8 tensor with 8 // c codes per byte, c = ``container_bits(bits)``,
+    the first code in the lowest bits."""
+    c = container_bits(bits)
     flat = codes.reshape(-1).to(torch.uint8)
-    if bits > 4:
-        return flat.clone()
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    return flat[0::2] | (flat[1::2] << 4)
+    per = 8 // c
+    if flat.numel() % per:
+        flat = torch.cat([flat, flat.new_zeros(per - flat.numel() % per)])
+    flat = flat.view(-1, per)
+    out = torch.zeros(len(flat), dtype=torch.uint8)
+    for j in range(per):
+        out |= flat[:, j] << (j * c)
+    return out
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    c = container_bits(bits)
+    per, mask = 8 // c, (1 << c) - 1
     n = int(torch.Size(shape).numel())
-    if bits > 4:
-        return packed[:n].reshape(shape)
-    out = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
+    out = torch.stack([(packed >> (j * c)) & mask for j in range(per)], dim=1).reshape(-1)
     return out[:n].reshape(shape)
 
 
@@ -87,7 +97,7 @@ def quantized_state(qmodel: nn.Module, rec: dict) -> dict:
         if isinstance(m, QuantLayer):
             codes = weight_codes(m)
             layers[name] = {"bits": m.wq.bits, "shape": list(codes.shape), "codes": pack_codes(codes.cpu(), m.wq.bits),
-                            "container": "uint4x2" if m.wq.bits <= 4 else "uint8"}
+                            "container_bits": container_bits(m.wq.bits)}
             skip.update({f"{name}.layer.weight", f"{name}.wq.alpha"})
     state = {k: v.detach().cpu().clone() for k, v in qmodel.state_dict().items() if k not in skip}
     attrs = {}
