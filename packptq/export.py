@@ -252,15 +252,25 @@ def export_onnx(qmodel: nn.Module, example: torch.Tensor, path) -> Path:
     return path
 
 
-def onnx_predict(path, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of the ONNX model at ``path`` on ``x`` with onnxruntime (CPU)."""
+def onnx_predict(path, x: torch.Tensor, batch_size: int = 256, optimization: str = "basic") -> torch.Tensor:
+    """Logits of the ONNX model at ``path`` on ``x`` with onnxruntime (CPU).
+
+    ``optimization``: onnxruntime's graph optimisation level (disable | basic | extended | all).
+    ``basic`` (constant folding, redundant nodes) runs the QDQ graph as written; from
+    ``extended`` on, onnxruntime fuses DequantizeLinear -> MatMul/Conv and LayerNorm/GELU
+    patterns into kernels of its own whose float rounding differs, which on transformers
+    moves some activations across a quantization step (experiments/results/export.md)."""
+    import numpy as np
     import onnxruntime as ort
 
+    levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     out = [sess.run(None, {"input": x[i:i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
-    return torch.from_numpy(__import__("numpy").concatenate(out))
+    return torch.from_numpy(np.concatenate(out))
 
 
 def write(fmt: str, qmodel: nn.Module, rec: dict, path) -> Path:

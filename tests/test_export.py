@@ -24,11 +24,11 @@ pytest.importorskip("onnxruntime")
 #: model -> overrides on top of TINY: small enough for seconds per run
 SMALL = {
     "resnet18": (),
-    "mobilenetv2_100": ("model=mobilenetv2_100", "model.pretrained=false", "model.train_epochs=1",
+    "mobilenetv2_100": ("~model.kwargs.channels", "model=mobilenetv2_100", "model.pretrained=false", "model.train_epochs=1",
                         "model.train_lr=4e-3"),
-    "deit_tiny_patch16_224": ("model=deit_tiny_patch16_224", "model.patch_size=4", "+model.kwargs.depth=2",
+    "deit_tiny_patch16_224": ("~model.kwargs.channels", "model=deit_tiny_patch16_224", "model.patch_size=4", "+model.kwargs.depth=2",
                               "+model.kwargs.embed_dim=48", "+model.kwargs.num_heads=2", "model.train_epochs=2"),
-    "pointnet": ("model=pointnet", "data=shapes", "data.calib_size=64", "data.n_train=300", "data.n_test=100",
+    "pointnet": ("~model.kwargs.channels", "model=pointnet", "data=shapes", "data.calib_size=64", "data.n_train=300", "data.n_test=100",
                  "data.num_points=64", "model.kwargs.width=32", "+model.kwargs.point_widths=[8,8,16,16]",
                  "model.kwargs.head_widths=[32,16]", "model.train_epochs=2"),
 }
