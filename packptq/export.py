@@ -30,7 +30,7 @@ from packptq.config import ConfigError
 from packptq.quant import QuantConfig, quantize_model
 from packptq.quant.modules import QuantLayer
 from packptq.quant.quantizer import ActQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
-from packptq.zoo.build import ModelConfig, build_model
+from packptq.zoo.build import ModelConfig, build_model, resolved_config
 
 FORMAT = "packptq-quantized"
 VERSION = 1
@@ -82,11 +82,10 @@ def _dequant(codes: torch.Tensor, wq: WeightQuantizer) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- pt format
 def recipe(model_cfg: ModelConfig, meta: dict, qcfg: QuantConfig, example_shape) -> dict:
-    """How to rebuild the architecture: the zoo builder's config (without weight sources), the
-    dataset meta, the quantization config and the shape of an example input batch."""
-    mc = asdict(model_cfg)
-    mc.update(checkpoint=None, pretrained=False)
-    return {"builder": model_cfg.name, "model": mc, "meta": dict(meta), "quant": asdict(qcfg),
+    """How to rebuild the architecture: the zoo builder's config (without weight sources; a
+    checkpoint's shapes resolved), the dataset meta, the quantization config and the shape of an example input batch."""
+    model_cfg, meta = resolved_config(model_cfg, meta)
+    return {"builder": model_cfg.name, "model": asdict(model_cfg), "meta": meta, "quant": asdict(qcfg),
             "example_shape": list(example_shape)}
 
 

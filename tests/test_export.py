@@ -191,3 +191,25 @@ def test_quantize_api_on_a_model_outside_the_zoo(tmp_path):
     assert torch.allclose(k, k.round(), atol=1e-3) and k.min() >= 0 and k.max() <= 15
     with torch.no_grad():
         assert qnet(x).shape == (32, 3)
+
+
+def test_recipe_of_a_checkpoint_model_rebuilds_its_shapes(tmp_path):
+    """A model given by model.checkpoint: the recipe carries the checkpoint's patch size and
+    class count, not the config's defaults, and needs no checkpoint file to rebuild."""
+    import timm
+
+    from packptq.quant import QuantConfig
+    from packptq.zoo.build import ModelConfig
+
+    ck = timm.create_model("deit_tiny_patch16_224", num_classes=7, in_chans=1, img_size=16, patch_size=4,
+                           depth=1, embed_dim=16, num_heads=2)
+    path = tmp_path / "deit.pt"
+    torch.save(ck.state_dict(), path)
+    mcfg = ModelConfig(name="deit_tiny_patch16_224", checkpoint=str(path), patch_size=8,
+                       kwargs={"depth": 1, "embed_dim": 16, "num_heads": 2})
+    rec = export.recipe(mcfg, {"num_classes": 5, "in_chans": 1, "img_size": 16}, QuantConfig(), (2, 1, 16, 16))
+    assert rec["model"]["checkpoint"] is None and rec["model"]["patch_size"] == 4 and rec["meta"]["num_classes"] == 7
+    path.unlink()
+    model = export.rebuild(rec)
+    assert model.get_submodule("head").layer.weight.shape == (7, 16)
+    assert model.get_submodule("patch_embed.proj").layer.weight.shape == (16, 1, 4, 4)
