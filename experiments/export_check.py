@@ -117,8 +117,10 @@ faithful. pt: `packptq.load_quantized` of the exported file; ORT: onnxruntime {_
 onnxruntime fuses DequantizeLinear -> MatMul/Conv and LayerNorm/GELU into kernels of its own
 with a different float rounding) on the ONNX file (opset {export.OPSET}, QuantizeLinear/DequantizeLinear, uint8 containers clamped to the
 bit range). Agreement: % of test inputs with the same top-1 class as the run's quantized model.
-Sizes: the FP weights file (training cache entry, BN unfolded), the pt export (codes of <= 4
-bits two per byte), the ONNX file (codes one per byte).
+Sizes: the FP weights file (training cache entry, BN unfolded), the pt export (weight codes
+packed in 2-, 4- or 8-bit containers; first and last layer at 8 bits), the ONNX file (weight
+codes one per byte). The low top-1 of some rows comes from the few FP training epochs of these
+small settings; the columns that matter here are the agreements.
 
 {table(rows)}
 """
