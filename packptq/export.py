@@ -35,6 +35,7 @@ from packptq.zoo.build import ModelConfig, build_model, resolved_config
 FORMAT = "packptq-quantized"
 VERSION = 1
 OPSET = 17
+FORMATS = ("pt", "onnx")
 
 
 class ExportError(ConfigError):

@@ -18,7 +18,7 @@ from torch import nn
 from packptq import export, fp, mp
 from packptq.artifacts import RunDir, hash_obj
 from packptq.calibration import calibrate_twins
-from packptq.config import typed
+from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
 from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
@@ -57,6 +57,8 @@ class Quantized:
 
 def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
+    if cfg.get("export") not in (None, *export.FORMATS):
+        raise ConfigError(f"export={cfg.export}; use {'|'.join(export.FORMATS)} or null")
     qz = quantized(cfg, logger)
     twins, dm, device, qcfg, pcfg, mcfg, info = qz.twins, qz.dm, qz.device, qz.qcfg, qz.pcfg, qz.mcfg, qz.info
     num_classes = dm.meta()["num_classes"]

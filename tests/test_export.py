@@ -213,3 +213,12 @@ def test_recipe_of_a_checkpoint_model_rebuilds_its_shapes(tmp_path):
     model = export.rebuild(rec)
     assert model.get_submodule("head").layer.weight.shape == (7, 16)
     assert model.get_submodule("patch_embed.proj").layer.weight.shape == (16, 1, 4, 4)
+
+
+def test_unknown_export_format_stops_the_run_before_compute(tmp_path):
+    from packptq import pipeline
+    from packptq.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"export=tflite; use pt\|onnx or null"):
+        pipeline.run(tiny_cfg(tmp_path / "run", "export=tflite"))
+    assert not (tmp_path / "run").exists()
