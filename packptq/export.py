@@ -133,7 +133,7 @@ def rebuild(rec: dict) -> nn.Module:
 def load_quantized(path, map_location="cpu") -> nn.Module:
     """The quantized module saved by ``save_quantized`` (``packptq-export --format pt``), in eval
     mode: its predictions equal those of the run's quantized model."""
-    ck = torch.load(path, map_location=map_location, weights_only=False)
+    ck = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ExportError(f"{path} is not a packptq quantized checkpoint (packptq-export --format pt)")
     model = rebuild(ck["recipe"])
