@@ -146,6 +146,7 @@ def test_log2_softmax_quantizer_is_refused_for_onnx(tmp_path):
     assert (diff < 1e-4).all(dim=1).float().mean() >= 0.5 and diff.max() < 0.02
 
 
+@pytest.mark.slow
 def test_export_command_needs_a_finished_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", "from packptq.cli import export_main; export_main()", str(tmp_path),
