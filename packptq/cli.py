@@ -285,3 +285,30 @@ def report_main(argv=None) -> None:
         sys.exit(2)
 
     sys.exit(report.main(argv))
+
+
+def export_main(argv=None) -> None:
+    """``packptq-export RUN_DIR --format pt|onnx [--out PATH]``: the finished run's quantized
+    model (rebuilt from its config, FP weights and ``unit_XX.pt``) as a deployable file."""
+    import argparse
+    import json
+
+    from packptq import pipeline
+
+    ap = argparse.ArgumentParser(prog="packptq-export", description=export_main.__doc__.split(":", 1)[1].strip())
+    ap.add_argument("run_dir")
+    ap.add_argument("--format", choices=("pt", "onnx"), default="pt")
+    ap.add_argument("--out", default=None, help="output file (default RUN_DIR/quantized.FORMAT)")
+    args = ap.parse_args(argv)
+    res_file = Path(args.run_dir) / "results.json"
+    if not res_file.is_file():
+        print(f"packptq-export: error: {res_file} not found (a finished run directory has results.json)", file=sys.stderr)
+        sys.exit(2)
+    cfg = OmegaConf.create(json.loads(res_file.read_text())["config"])
+    cfg.run_dir, cfg.progress, cfg.export = str(args.run_dir), False, None
+    try:
+        res = pipeline.export_run(pipeline.quantized(cfg), args.format, args.out)
+    except ConfigError as exc:
+        print(f"packptq-export: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(res))

@@ -232,6 +232,16 @@ def split(model: nn.Module, model_cfg: ModelConfig, example: torch.Tensor) -> Sp
     return s
 
 
+def weights_file(model_cfg: ModelConfig, dm, cache_dir, trainer_kwargs: Optional[dict] = None) -> Optional[Path]:
+    """The file holding the FP weights: the training cache entry or the checkpoint (None for
+    library weights)."""
+    if model_cfg.checkpoint:
+        return Path(model_cfg.checkpoint)
+    if trains(model_cfg):
+        return cache_path(model_cfg, dm, cache_dir, trainer_kwargs)
+    return None
+
+
 def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, trainer_kwargs: dict,
            logger=None, progress: bool = False) -> nn.Module:
     """The FP weights: trained (or read from the cache) when the model needs training, else the

@@ -17,8 +17,12 @@ LAYERS = {
     "packptq.evaluate": 3, "packptq.runtime": 3, "packptq.twins": 3,
     "packptq.scores": 4, "packptq.packing": 5, "packptq.mp": 4, "packptq.recon": 4, "packptq.fp": 4,
     "packptq.calibration": 4, "packptq.report": 4,
-    "packptq.schemas": 6, "packptq.pipeline": 6, "packptq.cli": 7, "packptq.__main__": 7,
+    "packptq.export": 5, "packptq.schemas": 6, "packptq.pipeline": 6, "packptq.api": 7, "packptq.cli": 7,
+    "packptq.__main__": 7,
 }
+#: the package root re-exports the public verbs (``packptq.quantize``, ``load_quantized``)
+#: lazily: as an importer it stands above every layer
+FACADE_LAYER = 8
 
 
 def module_name(path: Path) -> str:
@@ -55,7 +59,8 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_no_upward_import(module):
-    up = sorted(i for i in GRAPH[module] if layer(i) > layer(module))
+    own = FACADE_LAYER if module == "packptq" else layer(module)
+    up = sorted(i for i in GRAPH[module] if layer(i) > own)
     assert not up, f"{module} (layer {layer(module)}) imports {up}"
 
 

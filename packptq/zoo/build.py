@@ -108,6 +108,20 @@ def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
     return model.eval()
 
 
+def resolved_config(cfg: ModelConfig, meta: dict) -> Tuple[ModelConfig, dict]:
+    """The builder config and meta that ``build_model(cfg, meta)`` ends up using, without a
+    weight source: with a checkpoint, its shapes (classes, patch and image size) are read as
+    ``build_model`` does, so building from the result gives the checkpoint's architecture."""
+    meta = dict(meta)
+    if cfg.checkpoint:
+        builder = BUILDERS.get(cfg.name) if cfg.name in BUILDERS else BUILDERS.get("timm")
+        sd = read_state_dict(cfg.checkpoint)
+        model = builder(cfg, meta)
+        if shape_mismatches(model, sd):
+            cfg, meta["num_classes"] = _shapes_from_checkpoint(cfg, meta, model, sd)
+    return replace(cfg, checkpoint=None, pretrained=False), meta
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The tensors of a plain state dict or of a Lightning checkpoint's ``state_dict``, read with
     ``weights_only=True``. A ``model.`` (LightningModule) or ``module.`` (DataParallel) prefix on
