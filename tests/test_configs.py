@@ -64,7 +64,7 @@ def test_primary_config_defaults(tmp_path):
     typedcfg = check_owned(cfg)
     assert typedcfg["model"].name == "resnet18" and typedcfg["data"].name == "mnist5k"
     assert typedcfg["packing"].policy == "hessian" and typedcfg["mp"].policy == "none"
-    assert (typedcfg["quant"].w_bits, typedcfg["quant"].a_bits) == (4, 4)
+    assert (typedcfg["quant"].w_bits, typedcfg["quant"].a_bits) == (2, 4)
     assert typedcfg["data"].calib_seed == cfg.seed  # calibration follows the run seed
     assert "Wandb" in cfg.logger._target_
 
