@@ -151,14 +151,15 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
     with _locked(path.with_suffix(".lock")):
         if _load_cached(model, path):  # trained by another job while this one waited
             return model.eval(), str(path)
-        _train(model, dm, model_cfg, data_cfg.seed, steps, trainer_kwargs, logger)
+        _train(model, dm, model_cfg, data_cfg.seed, steps, trainer_kwargs, logger, progress)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         torch.save(model.state_dict(), tmp)
         os.replace(tmp, path)
     return model, str(path)
 
 
-def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwargs: Optional[dict], logger) -> None:
+def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwargs: Optional[dict], logger,
+           progress: bool = False) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
     g = torch.Generator().manual_seed(seed)
     train_set = dm.train_set
