@@ -94,3 +94,18 @@ def trained_tiny(tmp_path_factory):
     model, _ = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir),
                              {"accelerator": "cpu", "enable_progress_bar": False})
     return model.eval(), dm, cfg
+
+
+@pytest.fixture
+def no_heavy_compute(monkeypatch):
+    """Any FP training, calibration or block scoring reached during the test fails it: bad
+    input must be reported before heavy compute."""
+    from packptq import fp, pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("heavy compute reached before the bad input was reported")
+
+    monkeypatch.setattr(fp, "train_or_load", boom)
+    monkeypatch.setattr(fp, "_train", boom)
+    monkeypatch.setattr(pipeline, "calibrate_twins", boom)
+    monkeypatch.setattr(pipeline, "hessian_scores", boom)
