@@ -24,13 +24,14 @@ pytest.importorskip("onnxruntime")
 #: model -> overrides on top of TINY: small enough for seconds per run
 SMALL = {
     "resnet18": (),
-    "mobilenetv2_100": ("~model.kwargs.channels", "model=mobilenetv2_100", "model.pretrained=false", "model.train_epochs=1",
-                        "model.train_lr=4e-3"),
+    "mobilenetv2_100": ("~model.kwargs.channels", "model=mobilenetv2_100", "model.pretrained=false", "model.train_epochs=3",
+                        "model.train_lr=4e-2"),
     "deit_tiny_patch16_224": ("~model.kwargs.channels", "model=deit_tiny_patch16_224", "model.patch_size=4", "+model.kwargs.depth=2",
                               "+model.kwargs.embed_dim=48", "+model.kwargs.num_heads=2", "model.train_epochs=2"),
     "pointnet": ("~model.kwargs.channels", "model=pointnet", "data=shapes", "data.calib_size=64", "data.n_train=300", "data.n_test=100",
                  "data.num_points=64", "model.kwargs.width=32", "+model.kwargs.point_widths=[8,8,16,16]",
-                 "model.kwargs.head_widths=[32,16]", "model.train_epochs=2"),
+                 "model.kwargs.head_widths=[32,16]", "model.train_epochs=10", "model.train_lr=5e-3",
+                 "model.train_batch_size=16"),
 }
 
 

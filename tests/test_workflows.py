@@ -93,7 +93,7 @@ def test_wandb_failed_run_has_exit_code_and_resume_continues_it(tmp_path, monkey
     # a cache of its own: the FP model is trained here, with the logger
     monkeypatch.setenv("PACKPTQ_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
-    cfg = tiny_cfg(run_dir, "logger=wandb", "model.train_epochs=1", f"cache_dir={tmp_path / 'cache'}")
+    cfg = tiny_cfg(run_dir, "logger=wandb", "model.train_epochs=2", f"cache_dir={tmp_path / 'cache'}")
 
     def boom(self, *args, **kwargs):
         raise RuntimeError("reconstruction diverged")
