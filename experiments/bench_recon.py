@@ -1,4 +1,4 @@
-"""Benchmark of unit reconstruction on the embedded quickstart (issue 3).
+"""Benchmark of unit reconstruction on the embedded quickstart.
 
 Prints measurements and asserts nothing. In one process, on the Hessian packs of resnet18 on
 mnist5k (W4A4, 256 calibration images), headline numbers on the largest pack:

@@ -34,7 +34,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "granularity.csv", index=False)
-    lines = ["# Reconstruction granularity (issue 3)", "",
+    lines = ["# Reconstruction granularity", "",
              "Top-1 (%) on the 1,000 held-out embedded MNIST digits, mean ± std over seeds 0, 1, 2",
              "(calibration samples and reconstruction randomness change with the seed; the FP model",
              "is the same). W bits / A bits as named, first and last layer at 8 bits, activation",

@@ -1,4 +1,4 @@
-"""The quickstart table (issue 2): one row per run directory, read from its ``results.json``.
+"""The quickstart table: one row per run directory, read from its ``results.json``.
 
     python experiments/quickstart_table.py RUN_DIR [RUN_DIR ...] > experiments/results/quickstart.md
 

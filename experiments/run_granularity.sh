@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates experiments/results/granularity.md (issue 3): both halves of the ablation grid,
+# Regenerates experiments/results/granularity.md: both halves of the ablation grid,
 # then the table. About an hour on 2 CPU cores with the presets' recon.iters.
 set -euo pipefail
 cd "$(dirname "$0")/.."
