@@ -179,9 +179,10 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
         resumed = rd.guard(hash_obj(items), dm.fingerprint(), items)
         if rd.has("times.json"):
             prior.update(rd.read_json("times.json").get("time_s", {}))
-        if fp.trains(mcfg) and not fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).is_file():
+        fp_file = fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw) if fp.trains(mcfg) else None
+        if fp_file is not None and not fp_file.is_file():
             fp.check_trainable(mcfg, dm)  # before any training: zero steps, an unwritable cache
-            fp.check_writable(fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw).parent)
+            fp.check_writable(fp_file.parent)
         model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger, progress).to(device)
 
         def fp_eval() -> dict:
@@ -192,7 +193,7 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
         fp_res = rd.cached_json("fp.json", fp_eval)
         fp_top1, fp_preds = fp_res["fp_top1"], torch.tensor(fp_res["preds"])
         fp.check_not_chance(fp_top1, num_classes, fp.trains(mcfg),
-                            fp.cache_path(mcfg, dm, cfg.cache_dir, trainer_kw) if fp.trains(mcfg) else None)
+                            fp_file)
         log_metrics(logger, {"eval/fp_top1": fp_top1})
     print(f"[packptq] {mcfg.name} on {dm.cfg.name}: FP top-1 {fp_top1:.2f}%  "
           f"({'resuming ' if resumed else ''}run dir {rd.path})")

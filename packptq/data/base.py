@@ -67,6 +67,7 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
         self.transform_desc = "none"
+        self._content_digest: Optional[str] = None
 
     # -- metadata -----------------------------------------------------------------------
     def meta(self) -> dict:
@@ -134,7 +135,9 @@ class BaseDataModule(L.LightningDataModule):
     def content_digest(self) -> str:
         """What identifies the training samples' content (the FP model trained on them): a
         SHA-256 over every tensor of an in-memory training split, else ``source_desc()`` with the
-        split sizes. 16 hex characters."""
+        split sizes. 16 hex characters; computed once per datamodule (it reads the whole split)."""
+        if self._content_digest is not None:
+            return self._content_digest
         self.setup()
         h = hashlib.sha256()
         if isinstance(self.train_set, TensorDataset):
@@ -144,7 +147,8 @@ class BaseDataModule(L.LightningDataModule):
         else:
             h.update(json.dumps([self.source_desc(), len(self.train_set), self.transform_desc],
                                 sort_keys=True, default=str).encode())
-        return h.hexdigest()[:16]
+        self._content_digest = h.hexdigest()[:16]
+        return self._content_digest
 
     def fingerprint(self) -> str:
         """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
