@@ -41,9 +41,9 @@ from typing import Dict, List, Tuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from packptq.api import compose
 from packptq.config import typed
 from packptq.data import build_datamodule
 from packptq.packing import PackingConfig, make_packs
@@ -64,8 +64,7 @@ OVERRIDES = ["logger=none", "threads=1", "progress=false", "packing=hessian", "r
 
 # -- set-up: the pipeline's fp / calibrate / score / pack phases, kept in memory -----------
 def compose_cfg(extra: List[str] = ()):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=OVERRIDES + list(extra))
+    return compose(OVERRIDES + list(extra))
 
 
 class Setup:

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=${1:-multirun/mp_headline}
 common="experiment=mp_sweep data.val_size=500"
 # 1. w_lr on validation top-1, uniform W3A3, seed 0
-packptq $common mp=none recon.w_lr=3e-3,1e-2 seed=0 hydra.sweep.dir=$out/choose_lr
+packptq $common mp=none recon.w_lr=3e-3,1e-2,3e-2 seed=0 hydra.sweep.dir=$out/choose_lr
 lr=$(python - "$out/choose_lr" <<'PY'
 import json, pathlib, sys
 runs = [json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("*/results.json")]
