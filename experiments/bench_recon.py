@@ -7,7 +7,8 @@ mnist5k (W4A4, 256 calibration images), headline numbers on the largest pack:
    PyTorch loop running the same step (the same module's ``step_loss``, optimizer and
    scheduler, the same batches and seed: the two give the same losses);
 2. the same step against one plain FP forward+backward of the pack on the same batch (the
-   floor: the quantized step adds fake quantization and AdaRound on top of it);
+   floor: the quantized step adds fake quantization and AdaRound on top of it), and the step
+   as it runs without the one-pass soft rounding and the memory policy (``step_mode``);
 3. the scoring phase (``packing.hessian_scores``) against one FP forward+backward pass of the
    whole model over the calibration set;
 4. memory, in child processes: RSS growth while the largest pack's activation cache is built
@@ -24,6 +25,7 @@ CPU time (steadier on a shared machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -48,12 +50,14 @@ from packptq.config import typed
 from packptq.data import build_datamodule
 from packptq.packing import PackingConfig, make_packs
 from packptq.scores import hessian_scores
-from packptq.evaluate import forward_all
+from packptq.evaluate import capture, forward_all
 from packptq.recon.sequence import _Chain, channel_dim as _channel_dim
 from packptq.quant import QuantConfig, calibrate, quantize_model
 from packptq.quant.convert import fold_bn, freeze
 from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, rec_loss, reconstruct_unit
 from packptq.fp import train_or_load
+from packptq.twins import layer_groups
+from packptq.runtime import reuse_freed_memory
 from packptq.zoo import split_model
 from packptq.zoo.build import ModelConfig, build_model
 
@@ -108,6 +112,25 @@ class Setup:
         n_w = lambda p: sum(q.numel() for b in p for q in self.fsplit.blocks[b][1].parameters())  # noqa: E731
         return max(packs, key=lambda p: (len(p), n_w(p)))
 
+    def layer_tensors(self, where: str):
+        """(quantized layer, FP layer, q_in, fp_in, fp_out) of the first QuantLayer of the prefix
+        (``where="prefix"``, the stem conv) or the last of the suffix (the classifier), as the
+        pipeline's layer units capture them (every block left at its calibrated RTN state)."""
+        cpu = torch.device("cpu")
+        part_q, part_f = (self.qsplit.prefix, self.fsplit.prefix) if where == "prefix" else \
+            (self.qsplit.suffix, self.fsplit.suffix)
+        pre, _, suf = layer_groups(self.qmodel, self.qsplit, self.x[:2])
+        name = pre[0] if where == "prefix" else suf[-1]
+        ql, fl = self.qmodel.get_submodule(name), self.fp_ref.get_submodule(name)
+        q_h, f_h = self.x, self.x
+        if where == "suffix":
+            q_h, f_h = forward_all(self.qsplit.prefix, q_h, 256, cpu), forward_all(self.fsplit.prefix, f_h, 256, cpu)
+            for (_, qb), (_, fb) in zip(self.qsplit.blocks, self.fsplit.blocks):
+                q_h, f_h = forward_all(qb, q_h, 256, cpu), forward_all(fb, f_h, 256, cpu)
+        q_in, _ = capture(part_q, q_h, ql, 256, cpu)
+        f_in, f_out = capture(part_f, f_h, fl, 256, cpu)
+        return ql, fl, q_in, f_in, f_out
+
     def pack_tensors(self, pack: List[int]):
         """(quantized chain, FP chain, q_in, fp_in, fp_out) at the pack, as the pipeline's
         ``_reconstruct`` builds them (earlier blocks left at their calibrated RTN state)."""
@@ -149,9 +172,35 @@ def lightning_run(chain_q, cache, rcfg, seed, channel_dim, trainer_kwargs):
     return losses, clock.t, since(t0)
 
 
-def bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim):
+@contextlib.contextmanager
+def step_mode(before: bool):
+    """``before``: soft rounding as tensor operations and glibc's default allocation (every
+    large tensor a fresh mmap), the step without ``packptq.quant.kernels`` and
+    ``runtime.reuse_freed_memory``; else the memory policy of ``reconstruct_unit``."""
+    if not before:
+        with reuse_freed_memory():
+            yield
+        return
+    old = os.environ.get("PACKPTQ_KERNELS")
+    os.environ["PACKPTQ_KERNELS"] = "eager"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PACKPTQ_KERNELS")
+        else:
+            os.environ["PACKPTQ_KERNELS"] = old
+
+
+def bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim, before: bool = False):
     """``reconstruct_unit`` without Lightning: the same module's step (``step_loss``), optimizer
-    and scheduler (``configure_optimizers``), batches and seeds, in a plain loop."""
+    and scheduler (``configure_optimizers``), batches and seeds, in a plain loop (``before``:
+    the step as ``step_mode(True)`` runs it)."""
+    with step_mode(before):
+        return _bare_run(chain_q, cache, rcfg, seed, channel_dim)
+
+
+def _bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim):
     t0 = now()
     unit = copy.deepcopy(chain_q)
     torch.manual_seed(seed)
@@ -175,6 +224,11 @@ def bare_run(chain_q, cache, rcfg: ReconConfig, seed, channel_dim):
 
 # -- 2. the floor: a plain FP forward+backward of the pack ------------------------------
 def fp_step_run(chain_f, cache, rcfg, seed, channel_dim):
+    with step_mode(False):  # the floor under the same allocation as the step
+        return _fp_step_run(chain_f, cache, rcfg, seed, channel_dim)
+
+
+def _fp_step_run(chain_f, cache, rcfg, seed, channel_dim):
     unit = copy.deepcopy(chain_f)
     params = [p for p in unit.parameters()]
     for p in params:
@@ -348,12 +402,17 @@ def main(argv=None) -> None:
     # 1 and 2 on every pack: Lightning, bare loop and the FP floor, alternating. Per run: the
     # median over its steps, wall and CPU; over runs: the median of those.
     per_pack = {}
-    for pack in packs:
-        chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
+    # the stem conv and the classifier (one-layer units), then the packs
+    for label, pack in [("stem conv (prefix)", "prefix"), *((names(p), p) for p in packs),
+                        ("classifier (suffix)", "suffix")]:
+        if isinstance(pack, str):
+            chain_q, chain_f, q_h, f_h, f_out = s.layer_tensors(pack)
+        else:
+            chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
         cache = ActivationCache(q_h, f_h, f_out, rcfg.cache_dtype)
         cdim = _channel_dim(chain_q)
         m = {"n_alpha": sum(p.numel() for p in chain_f.parameters() if p.dim() > 1), "shape": list(q_h.shape),
-             "L": [], "B": [], "F": [], "L_fit": [], "B_fit": [], "same": []}
+             "L": [], "B": [], "F": [], "O": [], "L_fit": [], "B_fit": [], "same": [], "dev": []}
         for r in range(args.repeats):
             l_loss, t, fit = lightning_run(chain_q, cache, rcfg, s.seed, cdim, s.trainer_kwargs)
             m["L"].append((med(gaps(t, 0)), med(gaps(t, 1))))
@@ -363,13 +422,16 @@ def main(argv=None) -> None:
             m["B_fit"].append(fit)
             t = fp_step_run(chain_f, cache, rcfg, s.seed, cdim)
             m["F"].append((med(gaps(t, 0)), med(gaps(t, 1))))
+            o_loss, t, _ = bare_run(chain_q, cache, rcfg, s.seed, cdim, before=True)
+            m["O"].append((med(gaps(t, 0)), med(gaps(t, 1))))
             m["same"].append(l_loss == b_loss)
-            print(f"[bench] {names(pack)} run {r}: step (wall / CPU ms) Lightning {ms(m['L'][-1])}, bare "
-                  f"{ms(m['B'][-1])}, FP fwd+bwd {ms(m['F'][-1])}; whole fit {sec(m['L_fit'][-1])} vs "
+            m["dev"].append(max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(l_loss, o_loss)))
+            print(f"[bench] {label} run {r}: step (wall / CPU ms) Lightning {ms(m['L'][-1])}, bare "
+                  f"{ms(m['B'][-1])}, FP fwd+bwd {ms(m['F'][-1])}, before {ms(m['O'][-1])}; whole fit {sec(m['L_fit'][-1])} vs "
                   f"{sec(m['B_fit'][-1])} s", flush=True)
-        for k in ("L", "B", "F", "L_fit", "B_fit"):
+        for k in ("L", "B", "F", "O", "L_fit", "B_fit"):
             m[k] = (med(v[0] for v in m[k]), med(v[1] for v in m[k]))
-        per_pack[names(pack)] = m
+        per_pack[label] = m
     m = per_pack[names(largest)]
     sc, fp = (med(v[0] for v in sc_t), med(v[1] for v in sc_t)), (med(v[0] for v in fp_t), med(v[1] for v in fp_t))
     rows = [  # (measurement, measured (wall, CPU), reference (wall, CPU), unit, note)
@@ -387,12 +449,14 @@ def main(argv=None) -> None:
         table.append(f"| {name} | {f(a[0])} {unit} | {f(b[0])} {unit} | {a[0] / b[0]:.3f} | {f(a[1])} {unit} | "
                      f"{f(b[1])} {unit} | {a[1] / b[1]:.3f} | {note} |")
     pack_table = ["| pack | rounding variables | cache (each of 3) | step Lightning | step bare | Lightning / bare "
-                  "| FP fwd+bwd | step / FP | identical losses |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| FP fwd+bwd | step / FP | identical losses | step before | before / step | loss vs before |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, m in per_pack.items():
-        (lw, lc), (bw, bc), (fw, fc) = m["L"], m["B"], m["F"]
+        (lw, lc), (bw, bc), (fw, fc), (ow, oc) = m["L"], m["B"], m["F"], m["O"]
         pack_table.append(f"| {k} | {m['n_alpha']} | {m['shape']} | {ms(m['L'])} | {ms(m['B'])} | "
                           f"{lw / bw:.3f} / {lc / bc:.3f} | {ms(m['F'])} | {lw / fw:.2f} / {lc / fc:.2f} | "
-                          f"{sum(m['same'])}/{len(m['same'])} |")
+                          f"{sum(m['same'])}/{len(m['same'])} | {ms(m['O'])} | {ow / lw:.2f} / {oc / lc:.2f} | "
+                          f"{max(m['dev']):.1e} |")
 
     # 4. memory, in child processes
     mem = ["| measurement | measured | reference | ratio | note |", "|---|---|---|---|---|"]
@@ -434,8 +498,12 @@ def main(argv=None) -> None:
         "runs, Lightning, bare loop and FP floor alternating. Wall time includes waiting for the other jobs on "
         "the machine; CPU time (this process) does not.", "",
         *table, "",
-        "Items 1 and 2 on every pack, wall / CPU (bare loop: the same module's `step_loss`, optimizer and "
-        "scheduler in a plain loop; identical losses: the same seed gave the same per-step losses):", "",
+        "Items 1 and 2 on every unit (the stem conv, the packs, the classifier), wall / CPU (bare loop: the same module's `step_loss`, optimizer and "
+        "scheduler in a plain loop; identical losses: the same seed gave the same per-step losses; the FP "
+        "floor runs under the step's memory policy; step before: the bare loop with soft rounding as tensor "
+        "operations and glibc's default allocation, `PACKPTQ_KERNELS=eager` without "
+        "`runtime.reuse_freed_memory`; loss vs before: the largest relative difference of a step's loss, "
+        "Lightning against that loop):", "",
         *pack_table, "",
         "Memory:", "",
         *mem, "",

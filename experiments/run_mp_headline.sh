@@ -17,6 +17,17 @@ print(best["config"]["recon"]["w_lr"])
 PY
 )
 echo "w_lr chosen on validation: $lr"
-# 2. uniform W3A3 and the exact budget at 3.0 weight and 3.0 activation bits, 3 seeds each
-packptq $common recon.w_lr=$lr mp=none,budget seed=0,1,2 hydra.sweep.dir=$out/headline
+# 2. uniform W3A3, 3 seeds; its achieved averages (first/last layer at 8 bits included) are the
+#    budget of the mixed-precision rows: weights and activations each at most the uniform model's
+packptq $common recon.w_lr=$lr mp=none seed=0,1,2 hydra.sweep.dir=$out/headline
+read -r wavg aavg < <(python - "$out/headline" <<'PY'
+import json, pathlib, sys
+r = json.loads(next(pathlib.Path(sys.argv[1]).glob("*mp=none*/results.json")).read_text())
+print(r["w_bits_avg"], r["a_bits_avg"])
+PY
+)
+echo "budget: $wavg bits per weight, $aavg bits per activation"
+# 3. the exact budget at those averages, 3 seeds
+packptq $common recon.w_lr=$lr mp=budget mp.avg_bits=$wavg mp.a_avg_bits=$aavg seed=0,1,2 \
+  hydra.sweep.dir=$out/headline
 python experiments/mp_headline_table.py "$out" > experiments/results/mp_headline.md

@@ -110,6 +110,55 @@ def set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+
+
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextmanager
+def reuse_freed_memory():
+    """Inside the ``with`` body, freed heap memory stays with the process for the next
+    allocation, and ``release_freed_memory`` hands it back at the end.
+
+    A reconstruction step allocates and frees the same weight-sized tensors every step (the
+    quantized weights, their gradients, the optimizer's work). glibc serves each one with a
+    fresh ``mmap`` and returns it on free, so every step pays a page fault per 4 KiB of them:
+    a copy of a 40 MB tensor took 26 ms that way against 4 ms from reused memory (measured,
+    1 thread). Here ``mmap`` is off and the heap is not trimmed while the body runs. A no-op
+    without glibc; the CUDA caching allocator does the same for device memory."""
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1)
+    try:
+        yield
+    finally:
+        # glibc's defaults (mmap above 128 KiB, trim above 128 KiB of free top)
+        libc.mallopt(_M_MMAP_MAX, 65536)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: +200 MB of RSS over the
+    layer4 units of resnet18, measured); a no-op where there is no glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def quiet_lightning() -> None:
     """Each unit is one Trainer.fit: keep Lightning's per-fit banners and known-benign warnings
     (eval-mode units, its own deprecations) out of the run's output."""

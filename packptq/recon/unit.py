@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from packptq.config import ConfigError
-from packptq.runtime import TRAINER_DEFAULTS, step_bar
+from packptq.runtime import TRAINER_DEFAULTS, release_freed_memory, reuse_freed_memory, step_bar
 from packptq.quant.convert import freeze
 from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
 
@@ -158,7 +158,9 @@ class UnitReconstruction(L.LightningModule):
         self.wqs = [m for m in unit.modules() if isinstance(m, WeightQuantizer) and m.alpha is not None]
         self.aqs = [m for m in unit.modules() if isinstance(m, ActQuantizer)]
         self.losses: List[float] = []
-        self.automatic_optimization = True
+        # the step is written out (manual optimization): Lightning's automatic loop wraps it in a
+        # closure and hook calls that cost ~0.5 ms a step, a third of a classifier unit's step
+        self.automatic_optimization = False
         self._prepare_weights()
 
     @torch.no_grad()
@@ -237,7 +239,12 @@ class UnitReconstruction(L.LightningModule):
         return rec, loss
 
     def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
         rec, loss = self.step_loss(batch, self.global_step)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        sched.step()
         rec_v = rec.detach()
         self.losses.append(rec_v)
         if self.logger is not None and (batch_idx % self.cfg.log_every == 0 or batch_idx == self.cfg.iters - 1):
@@ -254,13 +261,23 @@ class UnitReconstruction(L.LightningModule):
             groups.append({"params": self.a_params, "lr": self.cfg.a_lr})
         params = self.w_params + self.a_params
         # the fused kernel is one pass per step over the rounding variables instead of ~10
-        opt = torch.optim.Adam(groups, fused=_fused_ok(params))
+        opt = _Adam(groups, fused=_fused_ok(params))
         iters = max(1, self.cfg.iters)
         # rounding variables: constant lr; activation step sizes: cosine to 0
         lams = [(lambda s: 1.0) if g is w_group else
                 (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, iters) / iters))) for g in groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lams)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _Adam(torch.optim.Adam):
+    """Adam without the per-step CUDA-graph capture check for parameters on the CPU: under
+    Lightning (which asks torch to count CUDA devices through NVML) that check loads the NVML
+    library on every step, about 0.4 ms, more than a one-layer unit's whole step."""
+
+    def _accelerator_graph_capture_health_check(self) -> None:
+        if any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
+            super()._accelerator_graph_capture_health_check()
 
 
 def _fused_ok(params: List[torch.Tensor]) -> bool:
@@ -297,7 +314,8 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
         freeze(unit)
         return []
     trainer = make_trainer(dict(trainer_kwargs or {}), cfg.iters, logger, bar)
-    trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, seed))
+    with reuse_freed_memory():
+        trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, seed))
     freeze(unit)
     for m in module.aqs:
         m.training = False
@@ -308,7 +326,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     trainer.strategy.teardown()
     del trainer, module
     gc.collect()
-    _release_freed_memory()
+    release_freed_memory()
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
         raise ConfigError(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
@@ -316,13 +334,3 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
                           f"/ recon.a_lr or check the calibration data")
     return losses
 
-
-def _release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise: +200 MB of RSS over the
-    layer4 units of resnet18, measured); a no-op where there is no glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
