@@ -4,9 +4,9 @@ AdaRound's soft-rounded weight, its regulariser and their gradient are element-w
 weight of a unit, so a reconstruction step's extra cost over a plain forward+backward follows
 the unit's weight count. Written as tensor operations, the forward takes about 15 passes over
 weight-sized memory and the backward about 15 more (each with a fresh allocation). Here each
-is one loop over the weights: the forward reads V and floor(w / s) and writes the weight (and
-sums the regulariser); the backward reads V, floor(w / s) and the weight's gradient and writes
-V's gradient.
+is one loop over the weights: the forward reads V and floor(w / s), writes the weight, sums the
+regulariser and keeps sigmoid(V) and the regulariser's gradient factor; the backward reads
+those, floor(w / s) and the weight's gradient and writes V's gradient, with no exp or log.
 
 The loops are C compiled once per machine with the system's C compiler into
 ``$PACKPTQ_CACHE/kernels`` (or ``~/.cache/packptq/kernels``) and called through ctypes; no
@@ -53,47 +53,51 @@ static inline float powabs(float d, float beta) {
 
 double pq_softround_fwd(const float *alpha, const float *base, const float *s, const float *z,
                         int64_t rows, int64_t cols, float qmax, float beta, int with_reg,
-                        float *w, int nthreads) {
+                        float *w, float *sg_out, float *r_out, int nthreads) {
     double reg = 0.0;
     #pragma omp parallel for reduction(+:reg) num_threads(nthreads) schedule(static) if(nthreads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const float sr = s[r], zr = z[r];
         const float *a = alpha + r * cols, *b = base + r * cols;
-        float *o = w + r * cols;
+        float *o = w + r * cols, *so = sg_out + r * cols, *ro = r_out + r * cols;
         float acc = 0.f;
         #pragma omp simd reduction(+:acc)
         for (int64_t c = 0; c < cols; ++c) {
-            float h = fminf(fmaxf(sig(a[c]) * ZG + G, 0.f), 1.f);
+            float sg = sig(a[c]);
+            float h = fminf(fmaxf(sg * ZG + G, 0.f), 1.f);
             float t = fminf(fmaxf(b[c] + h + zr, 0.f), qmax);
             o[c] = (t - zr) * sr;
-            if (with_reg) acc += 1.f - powabs(2.f * h - 1.f, beta);
+            so[c] = sg;
+            if (with_reg) {
+                float d = 2.f * h - 1.f;
+                float p = powabs(d, beta);
+                acc += 1.f - p;
+                ro[c] = d == 0.f ? 0.f : p / d;  /* d/dh of -|d|^beta is -2 beta times this */
+            }
         }
         reg += acc;
     }
     return reg;
 }
 
-/* coef = d loss / d reg * (-2 beta): the regulariser's gradient is coef * |d|^beta / d. */
-void pq_softround_bwd(const float *alpha, const float *base, const float *s, const float *z,
-                      const float *gw, int64_t rows, int64_t cols, float qmax, float beta,
+/* From the forward's sigmoid (sg) and regulariser factor (rf): no exp or log here.
+   coef = d loss / d reg * (-2 beta). */
+void pq_softround_bwd(const float *sgv, const float *base, const float *s, const float *z,
+                      const float *gw, const float *rf, int64_t rows, int64_t cols, float qmax,
                       int with_reg, float coef, float *ga, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)
     for (int64_t r = 0; r < rows; ++r) {
         const float sr = s[r], zr = z[r];
-        const float *a = alpha + r * cols, *b = base + r * cols, *g = gw + r * cols;
+        const float *sv = sgv + r * cols, *b = base + r * cols, *g = gw + r * cols, *rr = rf + r * cols;
         float *o = ga + r * cols;
         #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) {
-            float sg = sig(a[c]);
+            float sg = sv[c];
             float u = sg * ZG + G;
             float h = fminf(fmaxf(u, 0.f), 1.f);
             float t = b[c] + h + zr;
             float gh = (t < 0.f || t > qmax) ? 0.f : g[c] * sr;
-            if (with_reg) {
-                float d = 2.f * h - 1.f;
-                float p = powabs(d, beta);
-                gh += d == 0.f ? 0.f : coef * p / d;
-            }
+            if (with_reg) gh += coef * rr[c];
             o[c] = (u < 0.f || u > 1.f) ? 0.f : gh * ZG * sg * (1.f - sg);
         }
     }
@@ -133,9 +137,9 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(str(so))
     f, i64, fl, p = ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.pq_softround_fwd.restype = ctypes.c_double
-    lib.pq_softround_fwd.argtypes = [p, p, p, p, i64, i64, f, fl, ctypes.c_int, p, ctypes.c_int]
+    lib.pq_softround_fwd.argtypes = [p, p, p, p, i64, i64, f, fl, ctypes.c_int, p, p, p, ctypes.c_int]
     lib.pq_softround_bwd.restype = None
-    lib.pq_softround_bwd.argtypes = [p, p, p, p, p, i64, i64, f, fl, ctypes.c_int, f, p, ctypes.c_int]
+    lib.pq_softround_bwd.argtypes = [p, p, p, p, p, p, i64, i64, f, ctypes.c_int, f, p, ctypes.c_int]
     return lib
 
 
@@ -173,26 +177,31 @@ def _shape(alpha: torch.Tensor):
 
 
 def softround_forward(alpha, base, s, z, qmax: int, beta: Optional[float]):
-    """(soft-rounded weight, regulariser sum as a 0-dim tensor) in one pass."""
+    """(soft-rounded weight, regulariser sum as a 0-dim tensor, saved) in one pass; ``saved``
+    (the sigmoid of V and, with the regulariser, its gradient factor) is what
+    ``softround_backward`` reads instead of recomputing exp and log."""
     lib = library()
     rows, cols = _shape(alpha)
-    w = torch.empty_like(alpha)
+    w, sg = torch.empty_like(alpha), torch.empty_like(alpha)
+    r = torch.empty_like(alpha) if beta is not None else sg  # unused without the regulariser
     sr, zr = _rows(s, rows), _rows(z, rows)
     reg = lib.pq_softround_fwd(alpha.data_ptr(), base.data_ptr(), sr.data_ptr(), zr.data_ptr(), rows, cols,
                                float(qmax), float(beta or 0.0), int(beta is not None), w.data_ptr(),
-                               torch.get_num_threads())
-    return w, alpha.new_tensor(reg)
+                               sg.data_ptr(), r.data_ptr(), torch.get_num_threads())
+    return w, alpha.new_tensor(reg), (sg, r)
 
 
-def softround_backward(alpha, base, s, z, qmax: int, beta: Optional[float], g_w, g_reg) -> torch.Tensor:
-    """The gradient with respect to V of <g_w, weight> + g_reg * regulariser, in one pass."""
+def softround_backward(saved, base, s, z, qmax: int, beta: Optional[float], g_w, g_reg) -> torch.Tensor:
+    """The gradient with respect to V of <g_w, weight> + g_reg * regulariser, in one pass over
+    ``saved`` (from ``softround_forward``)."""
     lib = library()
-    rows, cols = _shape(alpha)
+    sg, r = saved
+    rows, cols = _shape(sg)
     g_w = g_w.contiguous().float()
-    ga = torch.empty_like(alpha)
+    ga = torch.empty_like(sg)
     sr, zr = _rows(s, rows), _rows(z, rows)
     coef = float(g_reg) * -2.0 * beta if beta is not None else 0.0
-    lib.pq_softround_bwd(alpha.data_ptr(), base.data_ptr(), sr.data_ptr(), zr.data_ptr(), g_w.data_ptr(), rows,
-                         cols, float(qmax), float(beta or 0.0), int(beta is not None), coef, ga.data_ptr(),
+    lib.pq_softround_bwd(sg.data_ptr(), base.data_ptr(), sr.data_ptr(), zr.data_ptr(), g_w.data_ptr(), r.data_ptr(),
+                         rows, cols, float(qmax), int(beta is not None), coef, ga.data_ptr(),
                          torch.get_num_threads())
     return ga

@@ -254,8 +254,9 @@ class SoftRound(torch.autograd.Function):
         ctx.beta, ctx.qmax = beta, qmax
         ctx.fused = kernels.applicable(alpha, base, s, z)
         if ctx.fused:  # one pass over the weights (packptq.quant.kernels)
-            ctx.save_for_backward(alpha, base, s, z)
-            return kernels.softround_forward(alpha, base, s, z, qmax, beta)
+            w, reg, (sg, r) = kernels.softround_forward(alpha, base, s, z, qmax, beta)
+            ctx.save_for_backward(sg, base, s, z, r)
+            return w, reg
         h = SoftRound._h(torch.sigmoid(alpha), inplace=True)[1]
         w = (base + h).add_(z).clamp_(0, qmax).sub_(z).mul_(s)
         # saved: the inputs (alive anyway) and, with the regulariser, its gradient factor; the
@@ -277,10 +278,11 @@ class SoftRound(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_w, g_reg):
-        alpha, base, s, z = ctx.saved_tensors[:4]
         if ctx.fused:
-            return kernels.softround_backward(alpha, base, s, z, ctx.qmax, ctx.beta, g_w, g_reg), \
+            sg, base, s, z, r = ctx.saved_tensors
+            return kernels.softround_backward((sg, r), base, s, z, ctx.qmax, ctx.beta, g_w, g_reg), \
                 None, None, None, None, None
+        alpha, base, s, z = ctx.saved_tensors[:4]
         # autograd's operations in autograd's order (bit-identical without the regulariser)
         sig = torch.sigmoid(alpha)
         u, h = SoftRound._h(sig)
