@@ -81,9 +81,13 @@ def main() -> None:
             lines += ["Hessian scores S per block (mean over the runs of each loss choice; a pack starts at each "
                       "new running minimum from the left):", "",
                       "| loss | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1), *rows, ""]
-    lines += ["Regenerate (about an hour on 2 cores): `experiments/run_granularity.sh`, which runs",
-              "`packptq experiment=ablation_granularity`, `packptq experiment=ablation_granularity_deit` and",
-              "`python experiments/granularity_table.py multirun/ablation_granularity --out experiments/results`.", ""]
+    rates = sorted({json.loads((Path(rd) / "results.json").read_text())["config"]["recon"]["w_lr"]
+                    for rd in df["run_dir"]})
+    lr = " ".join(f"recon.w_lr={r:g}" for r in rates)
+    lines += [f"Every run above used {lr}. Regenerate (about an hour on 2 cores): "
+              f"`experiments/run_granularity.sh {lr}`, which runs",
+              f"`packptq experiment=ablation_granularity {lr}`, `packptq experiment=ablation_granularity_deit {lr}` "
+              "and", "`python experiments/granularity_table.py multirun/ablation_granularity --out experiments/results`.", ""]
     notes = out / "granularity_notes.md"  # the hand-written reading of the table, if any
     if notes.is_file():
         lines += [notes.read_text()]

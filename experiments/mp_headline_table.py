@@ -24,10 +24,13 @@ def main(out: str) -> None:
           "8 bits, block-wise reconstruction (100 steps per unit), 256 calibration images; the "
           "validation split is 500 training samples held out of calibration.\n")
     print("Regenerate: `bash experiments/run_mp_headline.sh`\n")
-    print("## Rounding learning rate, chosen on validation top-1 (uniform W3A3, seed 0)\n")
-    print("| recon.w_lr | validation top-1 | test top-1 (not used for the choice) |\n|---|---|---|")
-    for r in sorted(load(root / "choose_lr"), key=lambda r: r["config"]["recon"]["w_lr"]):
-        print(f"| {r['config']['recon']['w_lr']:g} | {r['val_top1']:.2f} | {r['quant_top1']:.2f} |")
+    print("## Rounding learning rate, chosen on mean validation top-1 (uniform W3A3, seeds 0-2)\n")
+    print("| recon.w_lr | validation top-1 (%) | test top-1 (%), not used for the choice | n |\n|---|---|---|---|")
+    by_lr = {}
+    for r in load(root / "choose_lr"):
+        by_lr.setdefault(r["config"]["recon"]["w_lr"], []).append(r)
+    for lr, rs in sorted(by_lr.items()):
+        print(f"| {lr:g} | {ms([r['val_top1'] for r in rs])} | {ms([r['quant_top1'] for r in rs])} | {len(rs)} |")
     runs = load(root / "headline")
     print(f"\n## Uniform vs exact budget (recon.w_lr={runs[0]['config']['recon']['w_lr']:g}, seeds "
           f"{sorted({r['seed'] for r in runs})})\n")
