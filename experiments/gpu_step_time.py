@@ -44,15 +44,17 @@ BLOCKWISE = f"predicted_blockwise_{PAPER_STEPS}_steps_h"
 
 
 class StepClock(L.Callback):
-    """perf_counter at the end of every step, after the device finished its work."""
+    """Wall time (``t``) and this process's CPU time (``cpu``) at the end of every step, after
+    the device finished its work."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.t = device, []
+        self.device, self.t, self.cpu = device, [], []
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.t.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 def step_seconds(t: List[float]) -> float:
@@ -118,7 +120,7 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         reconstruct_unit(chain_q, cache, rcfg, u.key, seed, channel_dim(chain_q), {**kw, "callbacks": [clock]})
         fit_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
@@ -126,8 +128,11 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
         p = pred.get(u.key)
         rows.append({"unit": "+".join(u.names), "blocks": u.blocks, "n_weights": n_w, "macs": macs,
                      "cache_shape": list(q_h.shape), "steps": rcfg.iters, "step_s": s, "fit_s": fit_s,
+                     "step_cpu_s": step_seconds(clock.cpu), "fit_cpu_s": time.process_time() - c0,
                      "peak_mem_bytes": peak, "predicted_step_s": p.step_s if p else None,
                      "predicted_fit_s": p.seconds if p else None, "probe_fp_s": p.fp_s if p else None,
+                     "n_tensors": p.n_tensors if p else None, "per_weight_s": p.per_weight_s if p else None,
+                     "per_tensor_s": p.per_tensor_s if p else None,
                      f"projected_{PAPER_STEPS}_steps_h": s * PAPER_STEPS / 3600})
         print(f"[gpu_step_time]   {rows[-1]['unit']}: {s * 1e3:.2f} ms/step"
               + (f" (predicted {p.step_s * 1e3:.2f})" if p else ""), flush=True)
