@@ -34,15 +34,21 @@ def test_every_unit_records_predicted_and_measured_seconds(trained_tiny, tmp_pat
     assert all(r["n_weights"] > 0 for r in packs)
 
 
-def test_predict_false_runs_no_probe(trained_tiny, tmp_path, capsys, monkeypatch):
+def test_predict_false_runs_no_probe_and_the_probe_changes_no_result(trained_tiny, tmp_path, capsys, monkeypatch):
     from packptq import pipeline
     from packptq.recon import cost
 
+    with_probe = pipeline.run(tiny_cfg(tmp_path / "on", "recon.iters=4"))
     monkeypatch.setattr(cost, "predict_costs", lambda *a, **k: pytest.fail("probe ran with recon.predict=false"))
-    pipeline.run(tiny_cfg(tmp_path, "recon.predict=false", "recon.iters=2"))
+    capsys.readouterr()
+    without = pipeline.run(tiny_cfg(tmp_path / "off", "recon.predict=false", "recon.iters=4"))
     assert "recon: predicted" not in capsys.readouterr().out
-    for r in _unit_records(tmp_path):
+    for r in _unit_records(tmp_path / "off"):
         assert r["seconds"] > 0 and "predicted_seconds" not in r
+    # the probe leaves the random streams alone: the same losses and accuracy either way
+    on, off = _unit_records(tmp_path / "on"), _unit_records(tmp_path / "off")
+    assert [r["loss"] for r in on] == [r["loss"] for r in off]
+    assert with_probe["quant_top1"] == without["quant_top1"]
 
 
 def test_a_big_pack_is_predicted_above_a_small_layer(trained_tiny):

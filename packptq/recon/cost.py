@@ -175,7 +175,11 @@ def predict_costs(twins: Twins, units: List, steps: List[int], x: torch.Tensor, 
     first = {k: (m[0] if isinstance(m, nn.Sequential) else m) for k, m in fp_mods.items()}
     was_training = twins.fp.training
     twins.fp.eval()
-    with autocast(trainer_kwargs or {}, device):
+    # the probe draws random numbers (a Linear's initialisation, QDrop's mixing): on a forked
+    # generator, so that a run's results do not depend on recon.predict
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), autocast(trainer_kwargs or {}, device):
         inputs = unit_inputs(twins.fp, first, x[:cfg.batch_size].to(device))
         per_weight, per_tensor = rounding_cost(cfg, device) if cfg.adaround else (0.0, 0.0)
         out = {}
