@@ -12,6 +12,7 @@ each unit. Writes experiments/results/cost.md (tables, fits, command), cost.png 
 against rounding variables, log-log, with the fitted power law) and cost.json (the rows).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/cost_table.py [--steps 30]
+    python experiments/cost_table.py --run RUN_DIR --run-command CMD --out FILE.md   # one run's units
 """
 from __future__ import annotations
 
@@ -110,12 +111,41 @@ def fit_power(xs, ys):
     return float(k), float(np.exp(c)), float(r2)
 
 
+def run_table(run_dir: Path, command: str) -> str:
+    """Predicted against measured seconds of every unit of a finished run (its unit_XX.json)."""
+    res = json.loads((run_dir / "results.json").read_text())
+    rows = ["| unit | steps | rounding variables | predicted s | measured s | measured / predicted |",
+            "|---|---|---|---|---|---|"]
+    tp = tm = 0.0
+    for f in sorted(run_dir.glob("unit_*.json")):
+        u = json.loads(f.read_text())
+        p, m = u.get("predicted_seconds"), u["seconds"]
+        tp, tm = tp + (p or 0.0), tm + m
+        rows.append(f"| {u['key']} | {len(u['loss'])} | {u.get('n_weights', '-')} | {p} | {m:.1f} | "
+                    f"{m / p:.2f} |" if p else f"| {u['key']} | {len(u['loss'])} | - | - | {m:.1f} | - |")
+    rows.append(f"| all | | | {tp:.1f} | {tm:.1f} | {tm / tp:.2f} |" if tp else "")
+    return "\n".join([
+        "# Predicted against measured reconstruction time of one run", "",
+        f"Run: `{command}` (wall time, on the 2-core machine shared with other jobs); recon phase "
+        f"{res['time_s'].get('recon')} s; quantized top-1 {res['quant_top1']:.2f}%. Table: "
+        f"`python experiments/cost_table.py --run RUN_DIR --run-command '...'`.", "",
+        *rows, ""])
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30, help="reconstruction steps per unit")
     ap.add_argument("--calib", type=int, default=256, help="random calibration images of the timm models")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "cost.md"))
+    ap.add_argument("--run", default=None, help="instead: tabulate the predicted and measured unit times of "
+                    "this finished run directory (to --out)")
+    ap.add_argument("--run-command", default="packptq", help="the command that made --run (stated in the table)")
     args = ap.parse_args(argv)
+    if args.run:
+        text = run_table(Path(args.run), args.run_command)
+        Path(args.out).write_text(text)
+        print(text)
+        return
     torch.set_num_threads(1)
     quiet_lightning()
     # the machine is shared: the probe and the steps are timed in this process's CPU time, which
