@@ -66,7 +66,7 @@ def test_a_big_pack_is_predicted_above_a_small_layer(trained_tiny):
     assert costs["pack_00"].n_weights > 50 * costs["prefix_00"].n_weights
     assert 0 < costs["prefix_00"].seconds < costs["pack_00"].seconds
     assert 0 < costs["prefix_00"].fp_s < costs["pack_00"].fp_s
-    # the FP twin is left as it was: no gradients, no training mode
+    # the FP twin keeps its state: no gradients, eval mode
     assert all(p.grad is None for p in twins.fp.parameters()) and not twins.fp.training
 
 
