@@ -104,8 +104,12 @@ def test_trainer_settings_reach_every_phase(trained_tiny, tmp_path, monkeypatch)
     spy("hessian_scores", pipeline.hessian_scores, "device")
     spy("evaluate", pipeline.evaluate, 2)
     make_trainer = recon_unit.make_trainer
-    monkeypatch.setattr(recon_unit, "make_trainer",
-                        lambda kw, *a, **k: (seen.setdefault("units", []).append(dict(kw)), make_trainer(kw, *a, **k))[1])
+
+    def spy_make_trainer(kw, *a, **k):
+        seen.setdefault("units", []).append(dict(kw))
+        return make_trainer(kw, *a, **k)
+
+    monkeypatch.setattr(recon_unit, "make_trainer", spy_make_trainer)
     ckpt = tmp_path / "fp.pt"
     torch.save(trained_tiny[0].state_dict(), ckpt)
     cfg = tiny_cfg(tmp_path / "run", f"model.checkpoint={ckpt}", "trainer.accelerator=cpu", "trainer.devices=1",
