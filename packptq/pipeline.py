@@ -8,7 +8,7 @@ twins; ``rtn.json``) -> score (``scores``: block importance; ``scores.json``) ->
 (``recon``: unit by unit; ``unit_XX.pt``) -> eval (``results.json``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -24,8 +24,8 @@ from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
 from packptq.quant import QuantConfig
 from packptq.recon import ReconConfig, ReconSequence, plan_units
-from packptq.runtime import (Timer, check_seed, device_of, log_metrics, log_table, quiet_lightning, set_threads,
-                             trainer_kwargs)
+from packptq.runtime import (Timer, autocast, check_seed, device_of, log_metrics, log_table, quiet_lightning,
+                             set_threads, trainer_kwargs)
 from packptq.scores import hessian_scores
 from packptq.twins import Twins
 from packptq.zoo.build import ModelConfig
@@ -71,6 +71,7 @@ class Quantized:
     fp_val_top1: Optional[float] = None
     val_loader: object = None
     prior_times: Optional[dict] = None  # phase times of earlier processes on this run directory
+    trainer_kw: dict = field(default_factory=dict)  # the validated trainer section (precision, device)
 
 
 def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None) -> dict:
@@ -79,7 +80,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         raise ConfigError(f"export={cfg.export}; use {'|'.join(export.FORMATS)} or null")
     qz = quantized(cfg, logger)
     twins, dm, device, qcfg, pcfg, mcfg, info = qz.twins, qz.dm, qz.device, qz.qcfg, qz.pcfg, qz.mcfg, qz.info
-    with qz.timer.phase("eval"):
+    with qz.timer.phase("eval"), autocast(qz.trainer_kw, device):
         final = evaluate(twins.qmodel, dm.test_dataloader(), device, qz.fp_preds, dm.meta()["num_classes"],
                          qz.val_loader)
     scores, packs, names, acct, rtn = info["scores"], info["packs"], twins.block_names, info["acct"], qz.rtn
@@ -186,8 +187,9 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
         model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw, logger, progress).to(device)
 
         def fp_eval() -> dict:
-            preds, labels = predict(model, dm.test_dataloader(), device)
-            val = None if val_loader is None else top1(*predict(model, val_loader, device), num_classes)
+            with autocast(trainer_kw, device):
+                preds, labels = predict(model, dm.test_dataloader(), device)
+                val = None if val_loader is None else top1(*predict(model, val_loader, device), num_classes)
             return {"fp_top1": top1(preds, labels, num_classes), "fp_val_top1": val, "preds": preds.tolist()}
 
         fp_res = rd.cached_json("fp.json", fp_eval)
@@ -200,15 +202,18 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
 
     rtn = {}
 
+    def rtn_eval(twins: Twins) -> dict:
+        with autocast(trainer_kw, device):
+            return evaluate(twins.qmodel, dm.test_dataloader(), device, fp_preds, num_classes, val_loader)
+
     def after_calibrate(twins: Twins) -> None:
-        rtn.update(rd.cached_json("rtn.json", lambda: evaluate(twins.qmodel, dm.test_dataloader(), device,
-                                                               fp_preds, num_classes, val_loader)))
+        rtn.update(rd.cached_json("rtn.json", lambda: rtn_eval(twins)))
         print(f"[packptq] W{qcfg.w_bits}A{qcfg.a_bits} RTN top-1 {rtn['top1']:.2f}%")
 
     twins, info = quantize_phases(model, split, x_cal, y_cal, qcfg, pcfg, rcfg, mp_plan, rd, seed, bs,
                                   trainer_kw, device, timer, logger, progress, after_calibrate)
     return Quantized(twins, dm, timer, device, qcfg, pcfg, mcfg, mp_plan, fp_top1, fp_preds, rtn, info,
-                     x_cal, cfg_dict, rd, fp_res.get("fp_val_top1"), val_loader, prior)
+                     x_cal, cfg_dict, rd, fp_res.get("fp_val_top1"), val_loader, prior, trainer_kw)
 
 
 def quantize_phases(model: nn.Module, split, x_cal: torch.Tensor, y_cal: torch.Tensor, qcfg: QuantConfig,
@@ -217,8 +222,10 @@ def quantize_phases(model: nn.Module, split, x_cal: torch.Tensor, y_cal: torch.T
                     after_calibrate: Optional[Callable[[Twins], None]] = None) -> Tuple[Twins, dict]:
     """The phases calibrate .. recon on the FP ``model`` (``split`` its blocks; ``model`` is
     consumed): the twins and a dict of what the phases found (scores, packs, pack_bits, acct,
-    units, unit_losses). ``after_calibrate(twins)`` runs on the initialised (RTN) model."""
-    with timer.phase("calibrate"):
+    units, unit_losses). ``after_calibrate(twins)`` runs on the initialised (RTN) model.
+    Calibration, scoring and the bit allocation's forwards run under the trainer's precision
+    (``runtime.autocast``); each unit's fit under the Trainer's own."""
+    with timer.phase("calibrate"), autocast(trainer_kw, device):
         twins = calibrate_twins(model, split.family, qcfg, x_cal, seed, bs, device, progress)
         del model, split  # the unfolded FP network: the twins are what the phases below use
         if after_calibrate is not None:
@@ -226,7 +233,7 @@ def quantize_phases(model: nn.Module, split, x_cal: torch.Tensor, y_cal: torch.T
 
     scores = None
     if pcfg.needs_scores or (mp_plan is not None and mp_plan.needs_omega):  # checked in quantized()
-        with timer.phase("score"):
+        with timer.phase("score"), autocast(trainer_kw, device):
             scores = rd.cached_json("scores.json", lambda: hessian_scores(
                 twins.fsplit, twins.qsplit, x_cal, y_cal, pcfg.loss, batch_size=bs, device=device,
                 progress=progress))
@@ -240,7 +247,7 @@ def quantize_phases(model: nn.Module, split, x_cal: torch.Tensor, y_cal: torch.T
         log_table(logger, "packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)]
                                                                for j, p in enumerate(packs)])
 
-    with timer.phase("bits"):
+    with timer.phase("bits"), autocast(trainer_kw, device):
         pack_bits = None
         if mp_plan is not None:
             pack_bits = mp_plan.allocate(rd, twins, packs, scores, x_cal, progress=progress)

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -67,16 +67,58 @@ def trainer_kwargs(section: Optional[DictConfig]) -> dict:
     return kwargs
 
 
+#: trainer.precision values packptq runs, and the autocast dtype of each (None: plain float32).
+#: Weights, quantizer parameters and activation caches stay float32 under every one of them.
+AUTOCAST = {"32-true": None, "32": None, "16-mixed": torch.float16, "16": torch.float16,
+            "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def check_precision(kwargs: dict) -> str:
+    """``kwargs['precision']`` (default 32-true) as a string, if packptq runs it, else a
+    ConfigError: the *-true precisions other than 32 convert the model itself (Lightning leaves
+    it in float64 / float16 after a fit), which the quantizers and caches do not follow."""
+    p = str(kwargs.get("precision", "32-true"))
+    if p not in AUTOCAST:
+        raise ConfigError(f"trainer.precision={p} is not supported; use one of "
+                          f"{', '.join(k for k in AUTOCAST if '-' in k)} (float32 weights, optionally "
+                          f"under autocast)")
+    return p
+
+
+def autocast_dtype(kwargs: dict, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype forward passes outside a Trainer run under for ``kwargs['precision']`` on
+    ``device`` (None: float32), as Lightning's mixed precision picks it: float16 AMP is not
+    available on the CPU, where 16-mixed runs as bfloat16."""
+    dt = AUTOCAST[check_precision(kwargs)]
+    if dt is torch.float16 and device.type == "cpu":
+        return torch.bfloat16
+    return dt
+
+
+def autocast(kwargs: dict, device: torch.device):
+    """A context in which calibration, scoring and evaluation forwards follow the trainer's
+    precision (``torch.autocast`` on ``device``'s type; a no-op for 32-true)."""
+    dt = autocast_dtype(kwargs, device)
+    return nullcontext() if dt is None else torch.autocast(device.type, dtype=dt)
+
+
 def device_of(kwargs: dict) -> torch.device:
-    """The device Lightning picks for ``kwargs`` (accelerator and devices): forward passes
-    outside a Trainer (calibration, scores, evaluation) run where training runs."""
+    """The device Lightning picks for ``kwargs`` (accelerator and devices, e.g. devices=[1] on
+    a GPU machine: cuda:1): forward passes outside a Trainer (calibration, scores, evaluation)
+    run where training runs. Checks the precision, and that one device is selected (units are
+    fitted one after another on a single device)."""
     from lightning.fabric import Fabric
 
+    check_precision(kwargs)
     try:
-        return Fabric(accelerator=kwargs.get("accelerator", "auto"), devices=kwargs.get("devices", 1),
-                      precision=kwargs.get("precision", "32-true")).device
+        fabric = Fabric(accelerator=kwargs.get("accelerator", "auto"), devices=kwargs.get("devices", 1),
+                        precision=kwargs.get("precision", "32-true"))
     except Exception as exc:  # e.g. accelerator=gpu on a machine without one
         raise ConfigError(f"trainer settings cannot run here: {str(exc).splitlines()[0]}") from None
+    if fabric.world_size > 1:
+        raise ConfigError(f"trainer.devices={kwargs.get('devices')} selects {fabric.world_size} devices; packptq "
+                          f"runs on one (give one index, e.g. trainer.devices=[1])")
+    return fabric.device
 
 
 def check_threads(threads) -> Optional[int]:

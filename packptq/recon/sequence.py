@@ -9,6 +9,7 @@ past, so the next unit's quantized input comes from the final quantized unit. A 
 exists is loaded instead of fitted (resume)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
@@ -20,6 +21,7 @@ from packptq.artifacts import RunDir
 from packptq.config import ConfigError
 from packptq.evaluate import capture, forward_all
 from packptq.quant import QuantLayer, freeze
+from packptq.recon import cost
 from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
 from packptq.twins import Twins
 
@@ -128,6 +130,7 @@ class ReconSequence:
         if not self.units:
             return self.losses
         t, dev, bs = self.twins, self.twins.device, self.batch_size
+        self._costs = cost.announce(self, x) if self.cfg.predict else {}  # printed before the bar
         # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
         total = sum(unit_iters(u, self.cfg) for u in self.units)
         self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
@@ -204,16 +207,21 @@ class ReconSequence:
                                       f"{u.key} {u.names}; the run directory mixes two runs: use a new one")
                 self.losses[u.key] = rec.get("loss", [])
         else:
+            t0 = time.perf_counter()
             cache = make_cache()
+            t1 = time.perf_counter()
             ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
                                   self.trainer_kwargs, self.logger, self._step_offset,
                                   self._bar if self.progress else None)
+            secs = time.perf_counter() - t1
             del cache
             module.to(self.twins.device)
+            timing = {"seconds": round(secs, 3), "cache_seconds": round(t1 - t0, 3),
+                      **cost.as_record(self._costs.get(u.key))}
             # every step's loss: results.json of a resumed run reports them as a fresh run does.
             # Written before unit_XX.pt, which marks the unit done: a run killed between the two
             # refits the unit instead of resuming without its losses.
-            rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls})
+            rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls, **timing})
             rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module)})
             self.losses[u.key] = ls
         self._step_offset += ucfg.iters

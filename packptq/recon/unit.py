@@ -41,6 +41,9 @@ class ReconConfig:
     adaround: bool = True
     cache_dtype: str = "float32"  # float32 | float16 (halves cache memory)
     log_every: int = 50
+    # at the start, a probe (1-2 s on the embedded resnet18) predicts each unit's wall time:
+    # printed, and kept beside the measured time in unit_XX.json
+    predict: bool = True
 
     def __post_init__(self) -> None:
         if self.iters < 0:
