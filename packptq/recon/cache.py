@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,27 @@ class ActivationCache:
 # -- building stores from forward passes ----------------------------------------------------
 #: ``make(shape)`` -> an empty store of the calibration set's length for rows of ``shape``
 MakeStore = Callable[[Tuple[int, ...]], Store]
+
+
+def store_maker(mode: str, n: int, device: torch.device, on_device: bool = False,
+                folder: Optional[Union[str, Path]] = None) -> MakeStore:
+    """Empty stores of ``n`` rows in ``mode``: a file under ``folder`` (``disk``), float16 memory
+    (``half``) or float32 memory (``keep``, ``recompute``), on ``device`` when ``on_device`` else
+    on the host (pinned when ``device`` is a CUDA device)."""
+    if mode == "disk":
+        if folder is None:
+            raise ValueError("a disk cache needs a folder")
+
+        def file_store(shape: Tuple[int, ...]) -> FileStore:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            fd, path = tempfile.mkstemp(prefix="cache-", suffix=".f32", dir=folder)
+            os.close(fd)
+            return FileStore(path, n, shape)
+
+        return file_store
+    dtype = torch.float16 if mode == "half" else torch.float32
+    where = device if on_device else torch.device("cpu")
+    return lambda shape: MemStore(n, shape, dtype, where, device)
 
 
 @torch.no_grad()

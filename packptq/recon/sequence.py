@@ -6,7 +6,9 @@ every layer of every block), then suffix layers one by one. The loop keeps the q
 and FP activations at the current position over the calibration set; each unit is fitted from
 its activation cache, frozen (hard rounding, no drop), saved as ``unit_XX.pt`` and advanced
 past, so the next unit's quantized input comes from the final quantized unit. A unit whose file
-exists is loaded instead of fitted (resume)."""
+exists is loaded instead of fitted (resume). Each unit's activation cache is planned before the
+first unit (``plan_cache``: size and mode per unit, ``recon.cache_mode`` / ``recon.cache_budget``)
+and built in stores of its mode (``packptq.recon.cache``)."""
 from __future__ import annotations
 
 import shutil
@@ -22,7 +24,7 @@ from packptq.config import ConfigError
 from packptq.quant import QuantLayer, freeze
 from packptq.recon.cache import (ActivationCache, CachePlan, FileStore, MakeStore, MemStore, capture_batch,
                                  capture_into, choose_modes, device_free_bytes, forward_into, human, parse_bytes,
-                                 plan_table)
+                                 plan_table, store_maker)
 from packptq.recon.unit import ReconConfig, reconstruct_unit
 from packptq.twins import Twins
 
@@ -143,7 +145,7 @@ class ReconSequence:
         self._step_offset = 0
         scratch = self.rd / CACHE_DIR
         shutil.rmtree(scratch, ignore_errors=True)  # files of a killed run
-        self._files, self._n = 0, len(x)
+        self._n = len(x)
         # the activations at the current position, held once: a unit's cache takes them over
         q_h = f_h = MemStore.of(x)
         i = 0
@@ -224,15 +226,8 @@ class ReconSequence:
         """Empty stores of the calibration set's length in the mode of unit ``i`` (``keep``
         after the last unit)."""
         p = self.plans[i] if i < len(self.plans) else None
-        mode, dev = (p.mode if p else "keep"), self.twins.device
-        if mode == "disk":
-            def file_store(shape):
-                self._files += 1
-                return FileStore(self.rd / CACHE_DIR / f"{self._files:04d}.f32", self._n, shape)
-            return file_store
-        dtype = torch.float16 if mode == "half" else torch.float32
-        where = dev if p is not None and p.on_device else torch.device("cpu")
-        return lambda shape: MemStore(self._n, shape, dtype, where, dev)
+        return store_maker(p.mode if p else "keep", self._n, self.twins.device, bool(p and p.on_device),
+                           self.rd / CACHE_DIR)
 
     def _forward(self, i: int, fn, src):
         """``fn`` over the store ``src``, into a store in the mode of unit ``i``."""
