@@ -88,6 +88,13 @@ def test_auto_takes_the_first_mode_in_cost_order_that_fits_the_budget():
     with pytest.raises(ConfigError, match="pack_00"):
         choose_modes([plan()], "auto", smallest, 32, disk_free=mem["keep"] - 1)
     assert choose_modes([plan()], "auto", smallest, 32, disk_free=mem["keep"])[0].mode == "disk"
+    # the exact modes first: under the float32 size a file, without disk space float16, then recompute
+    assert choose_modes([plan()], "auto", mem["keep"] - 1, 32)[0].mode == "disk"
+    wide = plan(fo=4000)  # a wide output: recomputing it needs less memory than float16
+    half, rec = wide.memory("half", 32), wide.memory("recompute", 32)
+    assert rec < half
+    assert choose_modes([plan(fo=4000)], "auto", half, 32, disk_free=0)[0].mode == "half"
+    assert choose_modes([plan(fo=4000)], "auto", half - 1, 32, disk_free=0)[0].mode == "recompute"
 
 
 def test_a_budget_no_mode_fits_is_refused_naming_the_unit_and_the_needs():
@@ -266,3 +273,14 @@ def test_auto_moves_only_the_units_over_the_budget_to_a_cheaper_mode(twins_setup
     assert f"recon.cache_budget={human(budget)}" in out
     assert [line for line in out.splitlines() if line.strip().startswith(largest)][-1].split()[1] == \
         plans[[p.key for p in plans].index(largest)].mode
+
+
+def test_a_budget_no_pack_can_fit_stops_the_run_before_fp_training(tmp_path, no_heavy_compute):
+    from packptq import pipeline
+
+    from conftest import tiny_cfg
+
+    with pytest.raises(ConfigError, match=r"unit pack_00 \(64 samples\).*cache_budget=1000 B"):
+        pipeline.run(tiny_cfg(tmp_path / "run", "packing=block", "recon.cache_budget=1kB"))
+    with pytest.raises(ConfigError, match=r"unit pack_00 .*cache_mode=keep"):
+        pipeline.run(tiny_cfg(tmp_path / "run2", "packing=block", "recon.cache_budget=50kB", "recon.cache_mode=keep"))

@@ -12,8 +12,9 @@ holds one such tensor [n, ...]; the cache mode chooses the kind:
   input and output of each mini-batch are computed again by that FP part (one FP forward per
   step; the same numbers as ``keep`` up to the float rounding of a different batch size).
 
-``auto`` takes, unit by unit, the first mode in ``MODES`` (cheapest step first, measured:
-experiments/results/cache_memory.md) whose memory fits ``recon.cache_budget``. The stores are
+``auto`` takes, unit by unit, the first mode in ``MODES`` (keep, disk, half, recompute: cheapest
+step first, measured in experiments/results/cache_memory.md) whose memory fits
+``recon.cache_budget``. The stores are
 written batch by batch during the forward passes (no list of batches and ``torch.cat``), and the
 sequence hands its current activations to the cache instead of copying them.
 
@@ -36,8 +37,11 @@ from torch import nn
 
 from packptq.config import ConfigError
 
-#: cache modes, cheapest reconstruction step first (the order ``auto`` tries them in)
-MODES = ("keep", "half", "disk", "recompute")
+#: cache modes, cheapest reconstruction step first (the order ``auto`` tries them in). Measured
+#: (experiments/results/cache_memory.md): a mini-batch from a disk cache costs what one from memory
+#: does (the file's pages in the kernel's page cache; 3% of a resnet50 layer1.0 step), float16 more
+#: (the conversion), recompute an FP forward of the unit (16% of the step); disk is also exact
+MODES = ("keep", "disk", "half", "recompute")
 #: mini-batches a disk cache holds in memory at once (the one in use and the next)
 IN_FLIGHT = 2
 

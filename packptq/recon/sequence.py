@@ -70,6 +70,24 @@ def unit_iters(unit: Unit, cfg: ReconConfig) -> int:
     return cfg.iters
 
 
+@torch.no_grad()
+def check_cache_budget(cfg: ReconConfig, kind: str, split, x: torch.Tensor, disk_free: Optional[int] = None) -> None:
+    """Before any heavy compute (``split`` of the FP model, any weights; ``x`` the calibration
+    inputs): a ConfigError when ``recon.cache_budget`` cannot hold, in any allowed mode, the
+    smallest cache every plan of ``kind`` has: with ``packs``, the pack starting at the first
+    block (inputs of the first block, output at least the smallest block output). The exact check
+    of every unit is ``ReconSequence.plan_cache``, once the units are known."""
+    if kind != "packs" or cfg.cache_budget is None or not split.blocks:
+        return
+    h = split.prefix(x[:1])
+    ends = [h[0].numel()]
+    for _, blk in split.blocks:
+        h = blk(h)
+        ends.append(h[0].numel())
+    first = CachePlan("pack_00", len(x), ends[0], ends[0], min(ends[1:]), ends[0])
+    choose_modes([first], cfg.cache_mode, parse_bytes(cfg.cache_budget), cfg.batch_size, disk_free)
+
+
 # -- unit artifacts -------------------------------------------------------------------------
 def _is_fp_param(key: str) -> bool:
     # FP weights and biases never change during PTQ: they come from the FP model, not artifacts

@@ -41,8 +41,8 @@ class ReconConfig:
     learn_act: bool = True
     adaround: bool = True
     # where each unit's activation cache lives (packptq/recon/cache.py): keep (float32 in memory),
-    # half (float16), disk (a file in the run directory), recompute (FP side per batch), or auto:
-    # per unit, the fastest of those whose memory fits cache_budget
+    # disk (a file in the run directory), half (float16), recompute (FP side per batch), or auto:
+    # per unit, the first of those (fastest step first) whose memory fits cache_budget
     cache_mode: str = "auto"
     cache_budget: Optional[str] = None  # memory one unit's cache may hold: bytes, "512MB", "4GB"; null: no limit
     log_every: int = 50
