@@ -147,7 +147,7 @@ def test_every_mode_serves_the_batches_of_the_float32_cache(tmp_path):
         for b_keep, b in zip(keep, got):
             assert all(t.dtype == torch.float32 and t.shape == u.shape for t, u in zip(b, b_keep)), mode
             assert all(check(t, u) for t, u in zip(b, b_keep)), mode
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="exactly one of fp_out and fp_fn"):
         ActivationCache(q, x, y, fp_fn=lambda s: (s, f(s)))
 
 

@@ -228,7 +228,7 @@ class ActivationCache:
         self.fp_fn = fp_fn
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if (fp_fn is None) == (self.fp_out is None):
-            raise ValueError("an activation cache holds fp_out or computes it with fp_fn, not both")
+            raise ValueError("an activation cache takes exactly one of fp_out and fp_fn")
         if len({len(s) for s in self.stores()}) != 1:
             raise ValueError("activation cache tensors disagree in length")
 
