@@ -11,8 +11,9 @@ mnist5k (W4A4, 256 calibration images), headline numbers on the largest pack:
    as it runs without the one-pass soft rounding and the memory policy (``step_mode``);
 3. the scoring phase (``packing.hessian_scores``) against one FP forward+backward pass of the
    whole model over the calibration set;
-4. memory, in child processes: RSS growth while the largest pack's activation cache is built
-   against its size in bytes, and the peak RSS of a whole Pack-PTQ run (``os.wait4`` rusage).
+4. memory, in child processes: RSS growth while the largest pack's activation cache is built,
+   per ``recon.cache_mode``, against its size in bytes, and the peak RSS of a whole Pack-PTQ run
+   (``os.wait4`` rusage).
 
 Lightning, the bare loop and the FP floor alternate, ``--repeats`` times each, so that load
 from other jobs falls on all of them; a step's time is the gap between consecutive step ends
@@ -29,6 +30,7 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,7 +56,9 @@ from packptq.evaluate import capture, forward_all
 from packptq.recon.sequence import _Chain, channel_dim as _channel_dim
 from packptq.quant import QuantConfig, calibrate, quantize_model
 from packptq.quant.convert import fold_bn, freeze
-from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, rec_loss, reconstruct_unit
+from packptq.recon.cache import CachePlan, MemStore, forward_into, store_maker
+from packptq.recon.unit import (ActivationCache, ReconConfig, UnitReconstruction, _release_freed_memory, rec_loss,
+                                reconstruct_unit)
 from packptq.fp import train_or_load
 from packptq.twins import layer_groups
 from packptq.runtime import reuse_freed_memory
@@ -144,6 +148,29 @@ class Setup:
         chain_q, chain_f = _Chain(*[qb[b] for b in pack]), _Chain(*[fb[b] for b in pack])
         f_out = forward_all(chain_f, f_h, bs, cpu)
         return chain_q, chain_f, q_h, f_h, f_out
+
+
+    def pack_cache(self, pack: List[int], mode: str, folder: str):
+        """(the pack's activation cache in ``mode``, its ``CachePlan``), built as ``ReconSequence``
+        builds it: the images through the prefix and the blocks before the pack in both models,
+        into stores of the mode, then the FP output of the pack (none in ``recompute`` mode)."""
+        qb, fb = [b for _, b in self.qsplit.blocks], [b for _, b in self.fsplit.blocks]
+        bs, cpu, n = int(self.cfg.data.batch_size), torch.device("cpu"), len(self.x)
+        make = store_maker(mode, n, cpu, False, folder)
+        q_h = forward_into(self.qsplit.prefix, MemStore.of(self.x), bs, cpu, make)
+        f_h = forward_into(self.fsplit.prefix, MemStore.of(self.x), bs, cpu, make)
+        for b in range(pack[0]):
+            q_h, f_h = forward_into(qb[b], q_h, bs, cpu, make), forward_into(fb[b], f_h, bs, cpu, make)
+        chain_f = _Chain(*[fb[b] for b in pack])
+        if mode == "recompute":
+            cache = ActivationCache(q_h, f_h, fp_fn=lambda h: (h, chain_f(h)))
+            with torch.no_grad():
+                out = chain_f(f_h.slice(0, 1).float())
+        else:
+            cache = ActivationCache(q_h, f_h, forward_into(chain_f, f_h, bs, cpu, make))
+            out = cache.fp_out.slice(0, 1)
+        per = math.prod(q_h.shape)
+        return cache, CachePlan("pack", n, per, per, out[0].numel(), per, mode)
 
 
 # -- 1. Lightning against a bare loop ------------------------------------------------------
@@ -283,28 +310,30 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-def child_cache(dtype: str) -> dict:
-    """RSS growth while the largest pack's cache is built as ``recon.sequence`` builds
-    it (the pack's input in both models, then the FP output, then ``ActivationCache``) and
-    batches are drawn from it; ``base`` is taken with only the models and images in memory.
-    The peak includes the batch-256 activations of the forward passes that produce it."""
+def child_cache(mode: str) -> dict:
+    """RSS growth while the largest pack's cache is built in ``mode`` as ``recon.sequence``
+    builds it (from the images through the prefix and the blocks before the pack into stores of
+    the mode, then the FP output of the pack) and batches are drawn from it; ``base`` is taken with
+    only the models and images in memory. The peak includes the batch-256 activations of the
+    forward passes that produce it."""
     torch.set_num_threads(1)
     s = Setup()
     pack = s.largest_pack(s.scores())
-    s.pack_tensors(pack)  # once before measuring, so that lazily allocated library state settles
-    gc.collect()
-    base = rss_bytes()
-    with PeakRSS() as pk:
-        chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
-        cache = ActivationCache(q_h, f_h, f_out, dtype)
-        batches = cache.batches(32, torch.Generator().manual_seed(0))
-        for _ in range(20):
-            next(batches)
+    with tempfile.TemporaryDirectory() as folder:
+        s.pack_cache(pack, mode, folder)  # once before measuring, so that lazily allocated library state settles
         gc.collect()
-        held = rss_bytes()
-    # the pipeline keeps q_h, f_h (float32) beside the cache: for float16 they are extra
-    return {"dtype": dtype, "nbytes": cache.nbytes(), "shape": list(q_h.shape), "peak": pk.peak - base,
-            "held": held - base, "fp32_inputs": (q_h.numel() + f_h.numel() + f_out.numel()) * 4}
+        _release_freed_memory()
+        base = rss_bytes()
+        with PeakRSS() as pk:
+            cache, plan = s.pack_cache(pack, mode, folder)
+            batches = cache.batches(32, torch.Generator().manual_seed(0))
+            for _ in range(20):
+                next(batches)
+            gc.collect()
+            held = rss_bytes()
+        shape = [len(cache)] + list(cache.q_in.shape)
+        return {"mode": mode, "nbytes": cache.nbytes(), "planned": plan.memory(mode, 32), "keep": plan.memory("keep", 32),
+                "disk": cache.disk_bytes(), "shape": shape, "peak": pk.peak - base, "held": held - base}
 
 
 def child_run(run_dir: str, extra: List[str]) -> None:
@@ -409,7 +438,7 @@ def main(argv=None) -> None:
             chain_q, chain_f, q_h, f_h, f_out = s.layer_tensors(pack)
         else:
             chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
-        cache = ActivationCache(q_h, f_h, f_out, rcfg.cache_dtype)
+        cache = ActivationCache(q_h, f_h, f_out)
         cdim = _channel_dim(chain_q)
         m = {"n_alpha": sum(p.numel() for p in chain_f.parameters() if p.dim() > 1), "shape": list(q_h.shape),
              "L": [], "B": [], "F": [], "O": [], "L_fit": [], "B_fit": [], "same": [], "dev": []}
@@ -462,18 +491,20 @@ def main(argv=None) -> None:
     mem = ["| measurement | measured | reference | ratio | note |", "|---|---|---|---|---|"]
     if not args.skip_memory:
         mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-        for dtype in ("float32", "float16"):
+        for mode in ("keep", "half", "disk", "recompute"):
             # a fixed mmap threshold: glibc then returns every large block, and RSS follows tensors
-            out, err, rc, _, _ = in_child(["--child", "cache", "--child-arg", dtype],
+            out, err, rc, _, _ = in_child(["--child", "cache", "--child-arg", mode],
                                           {"MALLOC_MMAP_THRESHOLD_": "65536"})
             if rc != 0:
                 print(err[-3000:])
                 continue
             c = json.loads(out.strip().splitlines()[-1])
-            mem.append(f"| 4a. cache ({dtype}): peak RSS growth while built / cache size | {mib(c['peak'])} | "
-                       f"{mib(c['nbytes'])} | {c['peak'] / c['nbytes']:.2f} | held afterwards {mib(c['held'])} "
-                       f"({c['held'] / c['nbytes']:.2f} x size); the fp32 tensors it is made from: "
-                       f"{mib(c['fp32_inputs'])}; 3 x {c['shape']} |")
+            # a disk cache holds batches in memory, its rows in a file: its reference is the float32 size
+            ref, what = (c["keep"], "float32 size (the file)") if mode == "disk" else (c["planned"], "cache size")
+            mem.append(f"| 4a. cache ({mode}): peak RSS growth while built / {what} | {mib(c['peak'])} | "
+                       f"{mib(ref)} | {c['peak'] / ref:.2f} | held afterwards {mib(c['held'])} "
+                       f"({c['held'] / ref:.2f} x reference); planned memory {mib(c['planned'])}, on disk "
+                       f"{mib(c['disk'])}, float32 size {mib(c['keep'])}; 3 x {c['shape']} |")
         with tempfile.TemporaryDirectory() as td:
             extra = [f"recon.iters={args.run_iters}"] if args.run_iters is not None else []
             _, err, rc, secs, rss = in_child(["--child", "run", "--child-arg", td]
@@ -481,8 +512,8 @@ def main(argv=None) -> None:
             if rc != 0:
                 print(err[-3000:])
             it = args.run_iters if args.run_iters is not None else s.rcfg.iters
-            mem.append(f"| 4b. whole Pack-PTQ run: peak RSS / 1.5 GB target | {rss / 1e9:.3f} GB | 1.5 GB | "
-                       f"{rss / 1.5e9:.2f} | {len(s.x)} calibration images, recon.iters={it}, {secs:.0f} s wall, "
+            mem.append(f"| 4b. whole Pack-PTQ run: peak RSS / 1.2 GB target | {rss / 1e9:.3f} GB | 1.2 GB | "
+                       f"{rss / 1.2e9:.2f} | {len(s.x)} calibration images, recon.iters={it}, {secs:.0f} s wall, "
                        f"exit {rc} |")
 
     machine = (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, CPU only; torch "

@@ -8,6 +8,7 @@ twins; ``rtn.json``) -> score (``scores``: block importance; ``scores.json``) ->
 (``recon``: unit by unit; ``unit_XX.pt``) -> eval (``results.json``)."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -24,6 +25,7 @@ from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
 from packptq.quant import QuantConfig
 from packptq.recon import ReconConfig, ReconSequence, plan_units
+from packptq.recon.sequence import check_cache_budget
 from packptq.runtime import (Timer, autocast, check_seed, device_of, log_metrics, log_table, quiet_lightning,
                              set_threads, trainer_kwargs)
 from packptq.scores import hessian_scores
@@ -176,6 +178,8 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
         split = fp.split(model, mcfg, x_cal[:2])
         if mp_plan is not None:  # an impossible bit budget stops here, before FP training
             mp_plan.check_feasible(model, split)
+        # an impossible cache budget stops here too, before FP training
+        check_cache_budget(rcfg, pcfg.entry.units, split, x_cal, shutil.disk_usage(rd.path).free)
         items = fingerprint_items(cfg_dict, trainer_kw, device, fp.identity(mcfg, dm, trainer_kw))
         resumed = rd.guard(hash_obj(items), dm.fingerprint(), items)
         if rd.has("times.json"):

@@ -6,9 +6,12 @@ every layer of every block), then suffix layers one by one. The loop keeps the q
 and FP activations at the current position over the calibration set; each unit is fitted from
 its activation cache, frozen (hard rounding, no drop), saved as ``unit_XX.pt`` and advanced
 past, so the next unit's quantized input comes from the final quantized unit. A unit whose file
-exists is loaded instead of fitted (resume)."""
+exists is loaded instead of fitted (resume). Each unit's activation cache is planned before the
+first unit (``plan_cache``: size and mode per unit, ``recon.cache_mode`` / ``recon.cache_budget``)
+and built in stores of its mode (``packptq.recon.cache``)."""
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
@@ -19,14 +22,18 @@ from tqdm.auto import tqdm
 
 from packptq.artifacts import RunDir
 from packptq.config import ConfigError
-from packptq.evaluate import capture, forward_all
 from packptq.quant import QuantLayer, freeze
 from packptq.recon import cost
-from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.recon.cache import (ActivationCache, CachePlan, FileStore, MakeStore, MemStore, capture_batch,
+                                 capture_into, choose_modes, device_free_bytes, forward_into, human, parse_bytes,
+                                 plan_table, store_maker)
+from packptq.recon.unit import ReconConfig, reconstruct_unit
 from packptq.twins import Twins
 
 #: what a reconstruction unit is made of (a packing policy's ``units``)
 UNIT_KINDS = ("none", "layers", "packs")
+#: folder of the run directory holding disk-mode caches while they are in use
+CACHE_DIR = "recon_cache"
 
 
 @dataclass
@@ -63,6 +70,24 @@ def unit_iters(unit: Unit, cfg: ReconConfig) -> int:
     if cfg.iters_per == "block" and unit.layer is None and len(unit.blocks) > 1:
         return cfg.iters * len(unit.blocks)
     return cfg.iters
+
+
+@torch.no_grad()
+def check_cache_budget(cfg: ReconConfig, kind: str, split, x: torch.Tensor, disk_free: Optional[int] = None) -> None:
+    """Before any heavy compute (``split`` of the FP model, any weights; ``x`` the calibration
+    inputs): a ConfigError when ``recon.cache_budget`` cannot hold, in any allowed mode, the
+    smallest cache every plan of ``kind`` has: with ``packs``, the pack starting at the first
+    block (inputs of the first block, output at least the smallest block output). The exact check
+    of every unit is ``ReconSequence.plan_cache``, once the units are known."""
+    if kind != "packs" or cfg.cache_budget is None or not split.blocks:
+        return
+    h = split.prefix(x[:1])
+    ends = [h[0].numel()]
+    for _, blk in split.blocks:
+        h = blk(h)
+        ends.append(h[0].numel())
+    first = CachePlan("pack_00", len(x), ends[0], ends[0], min(ends[1:]), ends[0])
+    choose_modes([first], cfg.cache_mode, parse_bytes(cfg.cache_budget), cfg.batch_size, disk_free)
 
 
 # -- unit artifacts -------------------------------------------------------------------------
@@ -129,52 +154,129 @@ class ReconSequence:
         self.losses: Dict[str, List[float]] = {}
         if not self.units:
             return self.losses
-        t, dev, bs = self.twins, self.twins.device, self.batch_size
+        t, dev = self.twins, self.twins.device
+        t.qmodel.to(dev)
+        t.fp.to(dev)
+        self.plans = self.plan_cache(x)  # an impossible cache budget stops here
         self._costs = cost.announce(self, x) if self.cfg.predict else {}  # printed before the bar
         # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
         total = sum(unit_iters(u, self.cfg) for u in self.units)
         self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
                          disable=not self.progress, dynamic_ncols=True)
         self._step_offset = 0
-        t.qmodel.to(dev)
-        t.fp.to(dev)
-        q_h = f_h = x
+        scratch = self.rd / CACHE_DIR
+        shutil.rmtree(scratch, ignore_errors=True)  # files of a killed run
+        self._n = len(x)
+        # the activations at the current position, held once: a unit's cache takes them over
+        q_h = f_h = MemStore.of(x)
         i = 0
         while i < len(self.units) and self.units[i].segment == "prefix":
             i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h)
-        q_h, f_h = forward_all(t.qsplit.prefix, q_h, bs, dev), forward_all(t.fsplit.prefix, f_h, bs, dev)
+        q_h, f_h = self._forward(i, t.qsplit.prefix, q_h), self._forward(i, t.fsplit.prefix, f_h)
         qblocks, fblocks = [b for _, b in t.qsplit.blocks], [b for _, b in t.fsplit.blocks]
         while i < len(self.units) and self.units[i].segment == "blocks":
             u = self.units[i]
             if u.layer is None:  # a pack: its FP output is the cache target and the next FP input
-                chain_q = _Chain(*[qblocks[b] for b in u.blocks])
-                f_out = forward_all(_Chain(*[fblocks[b] for b in u.blocks]), f_h, bs, dev)
-                self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, f_out, self.cfg.cache_dtype))
+                chain_q, chain_f = _Chain(*[qblocks[b] for b in u.blocks]), _Chain(*[fblocks[b] for b in u.blocks])
+                if self.plans[i].mode == "recompute":
+                    f_out = None
+                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, fp_fn=lambda s: (s, chain_f(s)), device=dev))
+                else:
+                    f_out = self._forward(i, chain_f, f_h)
+                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, f_out, device=dev))
                 i += 1
-                f_h = f_out
+                f_h = self._forward(i, chain_f, f_h) if f_out is None else self._convert(i, f_out)
+                f_out = None
             else:  # the layers of one block, then past the block
                 b = u.blocks[0]
                 while i < len(self.units) and self.units[i].segment == "blocks" and self.units[i].blocks == [b]:
                     i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h)
                 chain_q = qblocks[b]
-                f_h = forward_all(fblocks[b], f_h, bs, dev)
-            q_h = forward_all(chain_q, q_h, bs, dev)
+                f_h = self._forward(i, fblocks[b], f_h)
+            q_h = self._forward(i, chain_q, q_h)
         while i < len(self.units):
             i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h)
+        del q_h, f_h
+        shutil.rmtree(scratch, ignore_errors=True)
         self._bar.close()
         t.qmodel.eval()
         return self.losses
 
-    def _layer_unit(self, i: int, q_fn, f_fn, q_h: torch.Tensor, f_h: torch.Tensor) -> int:
+    # -- activation caches ----------------------------------------------------------------------
+    @torch.no_grad()
+    def plan_cache(self, x: torch.Tensor) -> List[CachePlan]:
+        """Each unit's cache size (from one sample's activations) and mode, printed; a unit that
+        fits ``recon.cache_budget`` in no allowed mode is a ConfigError, raised before any cache
+        is built."""
+        t, dev, n = self.twins, self.twins.device, len(x)
+        numel = {}
+
+        def hook(m, i, o):
+            numel.setdefault(id(m), (i[0][0].numel(), o[0].numel()))
+
+        layers = {u.layer: t.pair(u.layer)[1] for u in self.units if u.layer is not None}
+        hs = [m.register_forward_hook(hook) for m in layers.values()]
+        try:
+            h = t.fsplit.prefix(x[:1].to(dev))
+            ends = [h[0].numel()]  # elements per sample at each block boundary
+            for _, blk in t.fsplit.blocks:
+                h = blk(h)
+                ends.append(h[0].numel())
+            t.fsplit.suffix(h)
+        finally:
+            for hk in hs:
+                hk.remove()
+        plans = []
+        for u in self.units:
+            if u.layer is None:
+                s_in, s_out = ends[u.blocks[0]], ends[u.blocks[-1] + 1]
+                plans.append(CachePlan(u.key, n, s_in, s_in, s_out, s_in))
+                continue
+            s_in, s_out = numel[id(layers[u.layer])]
+            src = x[0].numel() if u.segment == "prefix" else ends[u.blocks[0]] if u.segment == "blocks" else ends[-1]
+            plans.append(CachePlan(u.key, n, s_in, s_in, s_out, src))
+        budget = parse_bytes(self.cfg.cache_budget)
+        choose_modes(plans, self.cfg.cache_mode, budget, self.cfg.batch_size,
+                     shutil.disk_usage(self.rd.path).free, device_free_bytes(dev))
+        print(f"[packptq] recon cache: recon.cache_mode={self.cfg.cache_mode}, recon.cache_budget="
+              f"{'null' if budget is None else human(budget)}; per unit (mode, memory):")
+        print("\n".join(plan_table(plans, self.cfg.batch_size)), flush=True)
+        return plans
+
+    def _maker(self, i: int) -> MakeStore:
+        """Empty stores of the calibration set's length in the mode of unit ``i`` (``keep``
+        after the last unit)."""
+        p = self.plans[i] if i < len(self.plans) else None
+        return store_maker(p.mode if p else "keep", self._n, self.twins.device, bool(p and p.on_device),
+                           self.rd / CACHE_DIR)
+
+    def _forward(self, i: int, fn, src):
+        """``fn`` over the store ``src``, into a store in the mode of unit ``i``."""
+        return forward_into(fn, src, self.batch_size, self.twins.device, self._maker(i))
+
+    def _convert(self, i: int, store):
+        """``store`` in the mode of unit ``i``: itself when it already is, else a copy."""
+        p = self.plans[i] if i < len(self.plans) else None
+        mode = p.mode if p else "keep"
+        if isinstance(store, FileStore):
+            same = mode == "disk"
+        else:
+            same = mode != "disk" and store.t.dtype == (torch.float16 if mode == "half" else torch.float32) and \
+                (store.t.device.type != "cpu") == bool(p is not None and p.on_device)
+        return store if same else forward_into(lambda h: h, store, self.batch_size, self.twins.device, self._maker(i))
+
+    def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h) -> int:
         """Fit the layer unit ``i``, whose inputs come from running ``q_fn`` / ``f_fn`` (the
-        part holding the layer) on ``q_h`` / ``f_h``; returns the next unit's index."""
+        part holding the layer) on the stores ``q_h`` / ``f_h``; returns the next unit's index."""
         ql, fl = self.twins.pair(self.units[i].layer)
-        bs, dev = self.batch_size, self.twins.device
+        bs, dev, make = self.batch_size, self.twins.device, self._maker(i)
 
         def cache() -> ActivationCache:
-            q_in, _ = capture(q_fn, q_h, ql, bs, dev)
-            f_in, f_out = capture(f_fn, f_h, fl, bs, dev)
-            return ActivationCache(q_in, f_in, f_out, self.cfg.cache_dtype)
+            q_in, _ = capture_into(q_fn, q_h, ql, bs, dev, make, outputs=False)
+            if self.plans[i].mode == "recompute":
+                return ActivationCache(q_in, f_h, fp_fn=lambda s: capture_batch(f_fn, fl, s), device=dev)
+            f_in, f_out = capture_into(f_fn, f_h, fl, bs, dev, make)
+            return ActivationCache(q_in, f_in, f_out, device=dev)
 
         self._fit(i, ql, cache)
         return i + 1

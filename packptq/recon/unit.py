@@ -1,8 +1,8 @@
 """Reconstruction of one unit (a layer, a block, or a pack of consecutive blocks).
 
-The activation cache holds three tensors over the calibration set: the unit's input in the
-quantized model, its input in the FP model, and the FP output. It is sampled in memory (no
-DataLoader work per step); only the unit being trained sits on the training device. Each unit
+The activation cache (``packptq.recon.cache``) holds three tensors over the calibration set: the
+unit's input in the quantized model, its input in the FP model, and the FP output. It is sampled
+directly (no DataLoader work per step) and hands each mini-batch over on the training device. Each unit
 is one ``Trainer.fit(max_steps=iters)``; afterwards it is frozen (hard rounding, no drop)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import gc
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -20,6 +20,7 @@ from packptq.config import ConfigError
 from packptq.runtime import TRAINER_DEFAULTS, release_freed_memory, reuse_freed_memory, step_bar
 from packptq.quant.convert import freeze
 from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
+from packptq.recon.cache import MODES, ActivationCache, parse_bytes
 
 
 @dataclass
@@ -39,7 +40,11 @@ class ReconConfig:
     drop_inside: bool = False  # also drop inside the unit (QDrop's activation drop)
     learn_act: bool = True
     adaround: bool = True
-    cache_dtype: str = "float32"  # float32 | float16 (halves cache memory)
+    # where each unit's activation cache lives (packptq/recon/cache.py): keep (float32 in memory),
+    # disk (a file in the run directory), half (float16), recompute (FP side per batch), or auto:
+    # per unit, the first of those (fastest step first) whose memory fits cache_budget
+    cache_mode: str = "auto"
+    cache_budget: Optional[str] = None  # memory one unit's cache may hold: bytes, "512MB", "4GB"; null: no limit
     log_every: int = 50
     # at the start, a probe (1-2 s on the embedded resnet18) predicts each unit's wall time:
     # printed, and kept beside the measured time in unit_XX.json
@@ -54,8 +59,9 @@ class ReconConfig:
             raise ConfigError(f"recon.batch_size={self.batch_size} must be >= 1")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ConfigError(f"recon.drop_prob={self.drop_prob} must be in [0, 1]")
-        if self.cache_dtype not in ("float32", "float16"):
-            raise ConfigError(f"recon.cache_dtype={self.cache_dtype}; use float32|float16")
+        if self.cache_mode not in ("auto",) + MODES:
+            raise ConfigError(f"recon.cache_mode={self.cache_mode}; use {'|'.join(('auto',) + MODES)}")
+        parse_bytes(self.cache_budget)
         for key in ("w_lr", "a_lr", "beta_start", "beta_end"):
             v = getattr(self, key)
             if not (v > 0 and math.isfinite(v)):
@@ -66,29 +72,6 @@ class ReconConfig:
             raise ConfigError(f"recon.warmup={self.warmup} must be in [0, 1]")
         if self.log_every < 1:
             raise ConfigError(f"recon.log_every={self.log_every} must be >= 1")
-
-
-class ActivationCache:
-    """(q_in, fp_in, fp_out) over the calibration set, [n, ...] each, kept where they are
-    created (CPU by default); ``batches`` yields random mini-batches forever."""
-
-    def __init__(self, q_in: torch.Tensor, fp_in: torch.Tensor, fp_out: torch.Tensor, dtype: str = "float32"):
-        dt = torch.float16 if dtype == "float16" else torch.float32
-        self.q_in, self.fp_in, self.fp_out = (t.detach().to(dt) for t in (q_in, fp_in, fp_out))
-        if not (len(self.q_in) == len(self.fp_in) == len(self.fp_out)):
-            raise ValueError("activation cache tensors disagree in length")
-
-    def __len__(self) -> int:
-        return len(self.q_in)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.q_in, self.fp_in, self.fp_out))
-
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tuple[torch.Tensor, ...]]:
-        n = len(self)
-        while True:
-            idx = torch.randint(n, (min(batch_size, n),), generator=generator)
-            yield tuple(t[idx].float() for t in (self.q_in, self.fp_in, self.fp_out))
 
 
 class _Steps:
