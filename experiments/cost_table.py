@@ -56,7 +56,7 @@ def time_layer(twins, name: str, x: torch.Tensor, rcfg: ReconConfig, kw: dict, b
     pred = predict_costs(twins, [unit], [rcfg.iters], x, rcfg, kw)[name]
     q_in, _ = capture(twins.qmodel, x, ql, bs, CPU)
     f_in, f_out = capture(twins.fp, x, fl, bs, CPU)
-    cache = ActivationCache(q_in, f_in, f_out, rcfg.cache_dtype)
+    cache = ActivationCache(q_in, f_in, f_out)
     clock = StepClock(CPU)
     t0, c0 = time.perf_counter(), time.process_time()
     reconstruct_unit(ql, cache, rcfg, name, 0, channel_dim(ql), {**kw, "callbacks": [clock]})

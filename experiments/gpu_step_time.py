@@ -113,7 +113,7 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
             b += 1
         chain_q, chain_f = _Chain(*[qb[i] for i in u.blocks]), _Chain(*[fb[i] for i in u.blocks])
         f_out = forward_all(chain_f, f_h, batch_size, dev)
-        cache = ActivationCache(q_h, f_h, f_out, rcfg.cache_dtype)
+        cache = ActivationCache(q_h, f_h, f_out)
         n_w = sum(m.layer.weight.numel() for m in chain_q.modules() if hasattr(m, "wq") and hasattr(m, "layer"))
         macs = unit_macs(chain_f, f_h[:rcfg.batch_size].to(dev))
         clock = StepClock(dev)

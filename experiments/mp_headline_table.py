@@ -36,20 +36,22 @@ def main(out: str) -> None:
           f"{sorted({r['seed'] for r in runs})})\n")
     print("| allocation | avg weight bits | avg activation bits | validation top-1 (%) | test top-1 (%) | n |")
     print("|---|---|---|---|---|---|")
-    for policy in ("none", "budget"):
-        rs = [r for r in runs if r["mp"]["policy"] == policy]
+    for policy, acts in (("none", "follow"), ("budget", "follow"), ("budget", "fixed")):
+        rs = [r for r in runs if r["mp"]["policy"] == policy and r["config"]["mp"]["acts"] == acts]
         if not rs:
             continue
         c = rs[0]["config"]["mp"]
         name = "uniform W3A3" if policy == "none" else \
-            f"mp=budget (at most {c['avg_bits']:.4f} W, {c['a_avg_bits']:.4f} A)"
+            f"mp=budget, acts follow (at most {c['avg_bits']:.4f} W, {c['a_avg_bits']:.4f} A)" if acts == "follow" else \
+            f"mp=budget, acts fixed at 3 bits (at most {c['avg_bits']:.4f} W)"
         print(f"| {name} | {st.mean([r['w_bits_avg'] for r in rs]):.4f} | {st.mean([r['a_bits_avg'] for r in rs]):.4f} | "
               f"{ms([r['val_top1'] for r in rs])} | {ms([r['quant_top1'] for r in rs])} | {len(rs)} |")
     print("\nBoth averages count every quantized weight and activation element, the 8-bit first and "
           "last layer included (identical over seeds); the budget rows are held to at most the uniform model's "
           "averages, both read from its results.json.")
-    for r in (r for r in runs if r["mp"]["policy"] == "budget"):
-        print(f"- seed {r['seed']}: bits per pack {r['bits']}, activation bits {r['mp']['a_bits']}")
+    for r in sorted((r for r in runs if r["mp"]["policy"] == "budget"), key=lambda r: (r["config"]["mp"]["acts"], r["seed"])):
+        print(f"- acts {r['config']['mp']['acts']}, seed {r['seed']}: bits per pack {r['bits']}, activation bits "
+              f"{r['mp']['a_bits']}")
 
 
 if __name__ == "__main__":

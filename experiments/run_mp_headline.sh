@@ -33,4 +33,8 @@ echo "budget: $wavg bits per weight, $aavg bits per activation"
 # 3. the exact budget at those averages, 3 seeds
 packptq $common recon.w_lr=$lr mp=budget mp.avg_bits=$wavg mp.a_avg_bits=$aavg seed=0,1,2 \
   hydra.sweep.dir=$out/headline
+# 4. the exact weight budget with every activation at the target bits (mp.acts=fixed): the
+#    activation average is the uniform model's by construction
+packptq $common recon.w_lr=$lr mp=budget mp.acts=fixed mp.avg_bits=$wavg seed=0,1,2 \
+  hydra.sweep.dir=$out/headline
 python experiments/mp_headline_table.py "$out" > experiments/results/mp_headline.md
