@@ -54,5 +54,10 @@ def main(out: str) -> None:
               f"{r['mp']['a_bits']}")
 
 
+    notes = Path(__file__).parent / "results" / "mp_headline_notes.md"  # the hand-written reading
+    if notes.is_file():
+        print("\n" + notes.read_text().rstrip())
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
