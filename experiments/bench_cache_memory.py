@@ -33,7 +33,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -45,29 +44,7 @@ EXTRAPOLATE_TO = 1024
 FETCHES = 15  # timed mini-batch draws per cache
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples this process's RSS every millisecond in a thread; ``peak`` is the largest seen."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_bytes(), False
-        self._th = threading.Thread(target=self._run, daemon=True)
-        self._th.start()
-        return self
-
-    def _run(self):
-        while not self._stop:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._th.join()
-        self.peak = max(self.peak, rss_bytes())
+from bench_recon import PeakRSS, rss_bytes  # noqa: E402  (this folder; the same RSS sampling)
 
 
 # -- the measured child ---------------------------------------------------------------------
@@ -82,7 +59,8 @@ def child(model_name: str, mode: str, counts: List[int], step_count: int, steps:
     from packptq.quant import QuantConfig, calibrate, fold_bn, quantize_model
     from packptq.recon.cache import ActivationCache, CachePlan, MemStore, forward_into, store_maker
     from packptq.recon.sequence import channel_dim
-    from packptq.recon.unit import ReconConfig, _release_freed_memory, reconstruct_unit
+    from packptq.recon.unit import ReconConfig, reconstruct_unit
+    from packptq.runtime import release_freed_memory
     from packptq.zoo import split_model
 
     torch.set_num_threads(1)
@@ -105,7 +83,7 @@ def child(model_name: str, mode: str, counts: List[int], step_count: int, steps:
         plan = CachePlan("unit", n, shapes[0], shapes[0], shapes[1], shapes[0], mode)
         images = MemStore.of(x[:n])
         gc.collect()
-        _release_freed_memory()
+        release_freed_memory()
         base = rss_bytes()
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_CACHE_DIR")) as folder:
             t0 = time.perf_counter()

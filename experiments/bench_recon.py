@@ -57,11 +57,11 @@ from packptq.recon.sequence import _Chain, channel_dim as _channel_dim
 from packptq.quant import QuantConfig, calibrate, quantize_model
 from packptq.quant.convert import fold_bn, freeze
 from packptq.recon.cache import CachePlan, MemStore, forward_into, store_maker
-from packptq.recon.unit import (ActivationCache, ReconConfig, UnitReconstruction, _release_freed_memory, rec_loss,
+from packptq.recon.unit import (ActivationCache, ReconConfig, UnitReconstruction, rec_loss,
                                 reconstruct_unit)
 from packptq.fp import train_or_load
 from packptq.twins import layer_groups
-from packptq.runtime import reuse_freed_memory
+from packptq.runtime import release_freed_memory, reuse_freed_memory
 from packptq.zoo import split_model
 from packptq.zoo.build import ModelConfig, build_model
 
@@ -322,7 +322,7 @@ def child_cache(mode: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         s.pack_cache(pack, mode, folder)  # once before measuring, so that lazily allocated library state settles
         gc.collect()
-        _release_freed_memory()
+        release_freed_memory()
         base = rss_bytes()
         with PeakRSS() as pk:
             cache, plan = s.pack_cache(pack, mode, folder)
