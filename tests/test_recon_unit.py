@@ -315,3 +315,28 @@ def test_fused_soft_rounding_equals_autograd_through_the_quantizers(beta):
         torch.testing.assert_close(reg, ql.wq.round_reg(beta), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-6)
     assert (g_ref == 0).any() and (g_ref != 0).any()
+
+
+def test_gradient_clipping_from_the_trainer_section_reaches_the_manual_step():
+    """trainer.gradient_clip_val is applied by the unit's own step (Lightning refuses it under
+    manual optimization): a tiny clip value changes the fit, and the run does not fail."""
+    from torch import nn
+
+    from packptq.quant import QuantLayer
+    from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
+
+    def fit(trainer_kwargs):
+        torch.manual_seed(0)
+        layer = nn.Linear(16, 8)
+        ql = QuantLayer(layer, w_bits=3, a_bits=8, w_method="minmax")
+        x = torch.randn(64, 16)
+        with torch.no_grad():
+            y = layer(x)
+        cache = ActivationCache(x, x, y)
+        kw = dict(accelerator="cpu", enable_progress_bar=False, **trainer_kwargs)
+        return reconstruct_unit(ql, cache, ReconConfig(iters=20, learn_act=False, batch_size=16), "u", 0, -1, kw)
+
+    free = fit({})
+    clipped = fit({"gradient_clip_val": 1e-6})
+    assert len(clipped) == len(free) == 20
+    assert clipped != free

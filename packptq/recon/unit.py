@@ -147,6 +147,7 @@ class UnitReconstruction(L.LightningModule):
         # the step is written out (manual optimization): Lightning's automatic loop wraps it in a
         # closure and hook calls that cost ~0.5 ms a step, a third of a classifier unit's step
         self.automatic_optimization = False
+        self.grad_clip: Optional[Tuple[float, str]] = None  # (value, algorithm), from the trainer section
         self._prepare_weights()
 
     @torch.no_grad()
@@ -229,6 +230,8 @@ class UnitReconstruction(L.LightningModule):
         rec, loss = self.step_loss(batch, self.global_step)
         opt.zero_grad()
         self.manual_backward(loss)
+        if self.grad_clip is not None:  # trainer.gradient_clip_val, applied by hand in manual mode
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip[0], gradient_clip_algorithm=self.grad_clip[1])
         opt.step()
         sched.step()
         rec_v = rec.detach()
@@ -299,7 +302,13 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     if not module.w_params and not module.a_params:
         freeze(unit)
         return []
-    trainer = make_trainer(dict(trainer_kwargs or {}), cfg.iters, logger, bar)
+    kwargs = dict(trainer_kwargs or {})
+    # Lightning clips only under automatic optimization: the unit's manual step applies it
+    clip = kwargs.pop("gradient_clip_val", None)
+    algorithm = kwargs.pop("gradient_clip_algorithm", None) or "norm"
+    if clip:
+        module.grad_clip = (float(clip), algorithm)
+    trainer = make_trainer(kwargs, cfg.iters, logger, bar)
     with reuse_freed_memory():
         trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, seed))
     freeze(unit)
