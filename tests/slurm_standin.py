@@ -73,8 +73,8 @@ def run(path, job, tasks):
                 marker.unlink()
                 log(f"requeued {jid}")
                 continue
+            log(f"finished {jid} code={code}")  # logged before the state submitit polls
             set_state(jid, "COMPLETED" if code == 0 else "FAILED")
-            log(f"finished {jid} code={code}")
             break
 
 

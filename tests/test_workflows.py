@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,24 @@ def slurm_sweep(tmp_path, monkeypatch, preempt_glob: str, *overrides: str):
            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.mem_gb=1", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    wait_for_standin(state)
     return proc, sweep, state
+
+
+def wait_for_standin(state: Path, limit_s: float = 120.0) -> None:
+    """submitit collects a task once its result file exists, so the sweep can return while the
+    detached stand-in is still waiting for that task's process to exit: wait until every task
+    the stand-in submitted has logged ``finished`` (or ``limit_s`` passed; the caller's
+    assertions then say what is missing)."""
+
+    log = state / "calls.log"
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        calls = log.read_text().splitlines() if log.exists() else []
+        submitted = sum(int(c.split("tasks=")[1].split()[0]) for c in calls if c.startswith("sbatch "))
+        if sum(c.startswith("finished ") for c in calls) >= submitted:
+            return
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
