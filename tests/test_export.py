@@ -25,6 +25,7 @@ pytest.importorskip("onnxruntime")
 SMALL = {
     "resnet18": (),
     "mobilenetv2_100": ("~model.kwargs.channels", "model=mobilenetv2_100", "model.pretrained=false", "model.train_epochs=3",
+                        "+model.kwargs.depth_multiplier=0.34",
                         "model.train_lr=4e-2"),
     "deit_tiny_patch16_224": ("~model.kwargs.channels", "model=deit_tiny_patch16_224", "model.patch_size=4", "+model.kwargs.depth=2",
                               "+model.kwargs.embed_dim=48", "+model.kwargs.num_heads=2", "model.train_epochs=2"),

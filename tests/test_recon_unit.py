@@ -340,3 +340,36 @@ def test_gradient_clipping_from_the_trainer_section_reaches_the_manual_step():
     clipped = fit({"gradient_clip_val": 1e-6})
     assert len(clipped) == len(free) == 20
     assert clipped != free
+
+
+def test_the_fit_leaves_nothing_alive_and_the_collector_as_it_was():
+    """After reconstruct_unit the Lightning module, its trainer and the optimizer's state are
+    gone (they refer to each other, so only a collection frees them); the objects frozen for
+    that collection are thawed again, and a caller's own gc.freeze() is left in place."""
+    import gc
+    import weakref
+
+    from lightning.pytorch.callbacks import Callback
+
+    class Watch(Callback):
+        refs: list = []
+
+        def on_train_end(self, trainer, pl_module):
+            state = [t for s in trainer.optimizers[0].state.values() for t in s.values() if torch.is_tensor(t)]
+            assert state  # Adam's moments exist at the end of the fit
+            self.refs[:] = [weakref.ref(o) for o in (trainer, pl_module, trainer.optimizers[0], *state)]
+
+    watch = Watch()
+    kw = {**TRAINER, "callbacks": [watch]}
+    assert gc.get_freeze_count() == 0
+    reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16), "layer_00", 0, trainer_kwargs=kw)
+    assert len(watch.refs) > 3 and all(r() is None for r in watch.refs)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's
+    try:
+        reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16), "layer_00", 0,
+                         trainer_kwargs=kw)
+        assert all(r() is None for r in watch.refs)
+        assert gc.get_freeze_count() > 0  # not thawed by the unit
+    finally:
+        gc.unfreeze()
