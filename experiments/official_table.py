@@ -15,9 +15,12 @@ from pathlib import Path
 def main(sweep: str, mp_run: str) -> None:
     runs = [json.loads(p.read_text()) for p in sorted(Path(sweep).glob("*/results.json"))]
     print("# The official Pack-PTQ block score and bit rule on the embedded resnet18\n")
+    lrs = sorted({r["config"]["recon"]["w_lr"] for r in runs})
     print("resnet18 on the embedded MNIST-5k (FP top-1 98.00%), 256 calibration images, first/last layer "
-          "at 8 bits, Hessian packing, 100 reconstruction steps per unit (rounding lr 1e-2, set on the command line; a rate compared on the test split, the preset's validation-chosen rate is 3e-2), seeds 0-2.\n")
-    print("Regenerate:\n```\npackptq experiment=ablation_granularity recon.w_lr=1e-2 packing=hessian packing.loss=official,kl "
+          f"at 8 bits, Hessian packing, 100 reconstruction steps per unit at rounding lr "
+          f"{', '.join(f'{lr:g}' for lr in lrs)} (the preset's rate, chosen on the validation split: "
+          "mp_headline.md), seeds 0-2.\n")
+    print("Regenerate:\n```\npackptq experiment=ablation_granularity packing=hessian packing.loss=official,kl "
           "quant=w3a3,w2a4 seed=0,1,2 hydra.sweep.dir=multirun/official_score/resnet18\n"
           "packptq mp=official packing.loss=official quant=w3a3 recon.iters=0 logger=csv "
           "hydra.run.dir=outputs/mp_official_w3a3\n"
