@@ -33,14 +33,14 @@ from packptq.runtime import autocast
 from packptq.twins import Twins
 
 #: quantized step / FP forward+backward of the unit, rounding variables apart (fitted)
-FP_FACTOR = 1.25
+FP_FACTOR = 1.2
 #: real rounding work / the probe's (the probe's lone Linear also pays its weight gradient, and
 #: its per-tensor intercept holds a step's fixed work; fitted)
-WEIGHT_FACTOR = 0.7
+WEIGHT_FACTOR = 1.0
 #: seconds per step that depend on no unit size: the loop and Lightning's hooks (fitted)
-STEP_OVERHEAD_S = 2e-3
+STEP_OVERHEAD_S = 6e-4
 #: seconds per unit outside the steps: building the Trainer, set-up and freezing (fitted)
-FIT_OVERHEAD_S = 0.4
+FIT_OVERHEAD_S = 0.06
 
 
 @dataclass
