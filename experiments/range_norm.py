@@ -1,7 +1,7 @@
 """Init-only (RTN) top-1 of the embedded resnet18 with every layer at the target bits, for
 error norms p of the MSE range search (|q - x|^p; packptq uses the official code's 2.4).
 
-    python experiments/range_norm.py > experiments/results/range_norm_init.md
+    python experiments/range_norm.py   # the table "Initialization only" of experiments/results/range_norm.md
 
 Runs in-process on the cached FP model (trained on first use), seed 0, 256 calibration images."""
 from __future__ import annotations
