@@ -185,6 +185,26 @@ def _argv_value(argv, key: str) -> Optional[str]:
     return found
 
 
+def unknown_choice(argv: Sequence[str], search: Sequence[str] = ()) -> Optional[str]:
+    """The one-line error for a ``group=name`` override naming no file ``conf/<group>/<name>.yaml``
+    (nor one in the ``search`` folders: the user config directory), else None. Top-level groups
+    only; values that are sweeps of plain names (``a,b``) are checked name by name, other sweep
+    syntax is left to Hydra."""
+    roots = [Path(CONF_DIR), *map(Path, search)]
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or arg.startswith("~") or not key.isidentifier() or not (Path(CONF_DIR) / key).is_dir():
+            continue
+        if any(c in value for c in "()[]{}*$"):
+            continue
+        for name in value.split(","):
+            if name and name != "null" and not any((r / key / f"{name}.yaml").is_file() for r in roots):
+                known = sorted({p.stem for r in roots for p in (r / key).glob("*.yaml") if p.stem != "base"})
+                hint = f"; any timm model: model=timm model.name={name}" if key == "model" else ""
+                return f"unknown {key} '{name}'; known: {', '.join(known)}{hint}"
+    return None
+
+
 def _restore_hydra_files() -> None:
     for path, text in _HYDRA_FILES.items():
         try:
@@ -251,6 +271,11 @@ def main() -> None:
     if group and "PACKPTQ_SWEEP_GROUP" not in os.environ:
         os.environ["PACKPTQ_SWEEP_GROUP"] = group  # inherited by the sweep's jobs
     argv = sys.argv[1:]
+    user_dir = os.environ.get("PACKPTQ_CONFIG_DIR", str(Path(os.environ.get("HOME", ".")) / ".config" / "packptq"))
+    bad = unknown_choice(argv, [user_dir])
+    if bad:  # one line instead of Hydra's listing, before anything is imported or built
+        print(f"packptq: error: {bad}", file=sys.stderr)
+        sys.exit(2)
     multirun = "-m" in argv or "--multirun" in argv
     run_dir = _argv_value(argv, "hydra.run.dir")
     if run_dir and not multirun:

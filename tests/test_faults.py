@@ -337,6 +337,27 @@ def _tiny_args(run_dir, *extra):
     return [o for o in tiny_overrides(run_dir, *extra) if not o.startswith("run_dir=")] + [f"hydra.run.dir={run_dir}"]
 
 
+def test_unknown_config_choice_is_one_line_naming_the_known_ones(tmp_path):
+    """``model=resnet999`` (no conf/model/resnet999.yaml) is refused before Hydra composes, with
+    the known choices and the timm route; sweeps are checked name by name; files in the user
+    config directory count; keys that are not config groups, Hydra's nested groups, deletions
+    and sweep syntax other than comma lists are left alone."""
+    from packptq.cli import unknown_choice
+
+    msg = unknown_choice(["seed=0", "model=resnet999"])
+    assert msg.startswith("unknown model 'resnet999'; known: ") and "resnet18" in msg and "base," not in msg
+    assert msg.endswith("any timm model: model=timm model.name=resnet999")
+    assert unknown_choice(["-m", "quant=w4a4,w9a9"]) == "unknown quant 'w9a9'; known: w2a4, w3a3, w4a4, w6a6, w8a8"
+    assert unknown_choice(["+experiment=nope"]).startswith("unknown experiment 'nope'")
+    ok = ["model=resnet18", "quant=w4a4,w3a3", "mp=none", "logger=null", "hydra/launcher=slurm", "~model",
+          "model.name=anything", "seed=0,1", "quant=glob(*)", "recon.iters=range(2,4)", "experiment=quickstart"]
+    assert unknown_choice(ok) is None
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: resnet18\n")
+    assert unknown_choice(["model=mine"]) is not None
+    assert unknown_choice(["model=mine"], [str(tmp_path)]) is None
+
+
 CLI = [
     (["seed=-1"], "seed must be an integer"),
     (["data.name=cifar99"], "unknown data.name 'cifar99'; known:"),

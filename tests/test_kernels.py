@@ -98,4 +98,3 @@ def test_the_allocation_policy_is_restored_even_on_an_error(monkeypatch):
             assert calls == [(runtime._M_MMAP_MAX, 0), (runtime._M_TRIM_THRESHOLD, 2 ** 31 - 1)]
             raise RuntimeError("boom")
     assert (runtime._M_MMAP_MAX, 65536) in calls and calls[-1] == ("trim", 0)
-

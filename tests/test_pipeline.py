@@ -293,7 +293,8 @@ BAD = [
     (["data=npz", "data.path=/nonexistent/file.npz"], "does not exist"),
     (["data.calib_size=100000"], "calib_size=100000 is larger than the training split"),
     (["model.checkpoint=/nonexistent/model.pt"], "model.checkpoint=/nonexistent/model.pt does not exist"),
-    (["model.checkpoint=GARBAGE"], "cannot read checkpoint"),
+    (["model.checkpoint=GARBAGE"], r"cannot read checkpoint .*: .*; give model.checkpoint= a state dict saved with "
+                                   r"torch.save\(model.state_dict\(\), PATH\)"),
     (["model.checkpoint=MISFIT"], r"1 shape mismatches: conv1.weight model \(64, 1, 7, 7\) vs checkpoint \(64, 3, 7, 7\)"),
     (["+recon.foo=1"], "bad 'recon' config"),
     (["+quant.wbits=3"], "bad 'quant' config"),

@@ -320,11 +320,6 @@ def test_fused_soft_rounding_equals_autograd_through_the_quantizers(beta):
 def test_gradient_clipping_from_the_trainer_section_reaches_the_manual_step():
     """trainer.gradient_clip_val is applied by the unit's own step (Lightning refuses it under
     manual optimization): a tiny clip value changes the fit, and the run does not fail."""
-    from torch import nn
-
-    from packptq.quant import QuantLayer
-    from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
-
     def fit(trainer_kwargs):
         torch.manual_seed(0)
         layer = nn.Linear(16, 8)

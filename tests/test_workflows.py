@@ -147,7 +147,6 @@ def wait_for_standin(state: Path, limit_s: float = 120.0) -> None:
     detached stand-in is still waiting for that task's process to exit: wait until every task
     the stand-in submitted has logged ``finished`` (or ``limit_s`` passed; the caller's
     assertions then say what is missing)."""
-
     log = state / "calls.log"
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:

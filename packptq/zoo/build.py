@@ -129,7 +129,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if first.startswith("Weights only load failed"):  # torch's advice (weights_only=False) is unsafe
+            first = "not a file of tensors saved with torch.save (corrupt, or it pickles other objects)"
+        raise ConfigError(f"cannot read checkpoint {path}: {first}; give model.checkpoint= a state dict saved "
+                          "with torch.save(model.state_dict(), PATH)") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     sd = obj.get("state_dict", obj)
