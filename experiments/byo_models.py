@@ -58,6 +58,15 @@ def custom_models():
             ("FunctionalResidual (residual over separate layers)", FunctionalResidual)]
 
 
+OUT = {"path": None, "lines": None}
+
+
+def flush() -> None:
+    """Write the table so far (a long run leaves its finished rows behind)."""
+    if OUT["path"] is not None:
+        OUT["path"].write_text("\n".join(OUT["lines"]) + "\n")
+
+
 def rtn_row(name, build, in_chans=3, size=64):
     torch.manual_seed(0)
     try:
@@ -87,13 +96,15 @@ def part_zoo(lines):
     lines += ["## torchvision classification models, 64x64, random weights", ""] + head
     for name, kw in TORCHVISION:
         lines.append(rtn_row(name, lambda: getattr(torchvision.models, name)(num_classes=10, **kw)))
-        logging.getLogger("packptq").info(lines[-1])
+        flush()
     lines += ["", "## timm models without a conf/model file, 64x64, random weights", ""] + head
     for name in TIMM:
         lines.append(rtn_row(name, lambda: timm.create_model(name, num_classes=10)))
+        flush()
     lines += ["", "## custom models (tests/test_graph_split.py), 32x32, random weights", ""] + head
     for name, cls in custom_models():
         lines.append(rtn_row(name, cls, size=32))
+        flush()
 
 
 # -- part 2 -------------------------------------------------------------------------------------
@@ -162,6 +173,7 @@ def part_recon(lines, iters: int, epochs: int, seeds):
             secs.append(time.perf_counter() - t0)
             assert rep["family"] == family
             accs.append(top1(q, xte, yte))
+            logging.getLogger("packptq").info("%s seed %d: %.2f%% (%.0f s)", family, s, accs[-1], secs[-1])
         lines.append(f"| {family} | " + " | ".join(f"{a:.2f}" for a in accs) +
                      f" | {statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} | {statistics.mean(secs):.0f} |")
 
@@ -179,6 +191,7 @@ def main() -> None:
     lines = ["# Models without a packptq config, through `packptq.quantize`", "",
              f"Regenerate: `PACKPTQ_THREADS=1 python experiments/byo_models.py --part {args.part}"
              f"{'' if args.part == 'zoo' else f' --iters {args.iters} --epochs {args.epochs}'} --out FILE`.", ""]
+    OUT.update(path=args.out, lines=lines)
     if args.part in ("zoo", "all"):
         part_zoo(lines)
     if args.part in ("recon", "all"):
