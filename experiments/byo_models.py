@@ -38,13 +38,13 @@ from packptq.zoo import split_model  # noqa: E402
 
 # one variant of every torchvision classification family (the smallest), and the keyword that
 # lets a fixed-size model take 64x64 inputs
-TORCHVISION = [("alexnet", {}), ("vgg11", {}), ("resnet18", {}), ("resnext50_32x4d", {}),
-               ("wide_resnet50_2", {}), ("squeezenet1_0", {}), ("densenet121", {}), ("googlenet", {}),
-               ("inception_v3", {}), ("shufflenet_v2_x0_5", {}), ("mobilenet_v2", {}),
-               ("mobilenet_v3_small", {}), ("mnasnet0_5", {}), ("efficientnet_b0", {}),
-               ("efficientnet_v2_s", {}), ("regnet_x_400mf", {}), ("regnet_y_400mf", {}),
-               ("convnext_tiny", {}), ("swin_t", {}), ("swin_v2_t", {}), ("vit_b_16", {"image_size": 64}),
-               ("maxvit_t", {})]
+# (lets a fixed-size model take 64x64 inputs); the largest (over 60M weights) come last
+TORCHVISION = [("resnet18", {}), ("squeezenet1_0", {}), ("shufflenet_v2_x0_5", {}), ("mobilenet_v2", {}),
+               ("mobilenet_v3_small", {}), ("mnasnet0_5", {}), ("efficientnet_b0", {}), ("regnet_x_400mf", {}),
+               ("regnet_y_400mf", {}), ("googlenet", {}), ("densenet121", {}), ("inception_v3", {}),
+               ("maxvit_t", {}), ("efficientnet_v2_s", {}), ("resnext50_32x4d", {}), ("convnext_tiny", {}),
+               ("swin_t", {}), ("swin_v2_t", {}), ("alexnet", {}), ("vit_b_16", {"image_size": 64}),
+               ("wide_resnet50_2", {}), ("vgg11", {})]
 TIMM = ["convnext_atto", "efficientnet_b0", "ghostnet_100"]  # none has a conf/model file
 RTN = ["quant=w8a8", "packing=none", "threads=1"]
 
@@ -149,7 +149,7 @@ def top1(model, x, y):
     return (torch.cat([model(b).argmax(1) for b in x.split(250)]) == y).float().mean().item() * 100
 
 
-def part_recon(lines, iters: int, epochs: int, seeds):
+def part_recon(lines, iters: int, epochs: int, seeds, families=("graph", "resnet")):
     xtr, ytr, xte, yte = digits()
     model = resnet18_digits(xtr, ytr, epochs)
     fp = top1(model, xte, yte)
@@ -162,7 +162,7 @@ def part_recon(lines, iters: int, epochs: int, seeds):
               f"per seed (drawn with the seed from the training split), one thread.", "",
               "| split | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std | seconds (mean) |",
               "|---|" + "---|" * (len(seeds) + 2)]
-    for family in ("graph", "resnet"):
+    for family in families:
         accs, secs = [], []
         for s in seeds:
             idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(s))[:256]
@@ -174,6 +174,7 @@ def part_recon(lines, iters: int, epochs: int, seeds):
             assert rep["family"] == family
             accs.append(top1(q, xte, yte))
             logging.getLogger("packptq").info("%s seed %d: %.2f%% (%.0f s)", family, s, accs[-1], secs[-1])
+            flush()
         lines.append(f"| {family} | " + " | ".join(f"{a:.2f}" for a in accs) +
                      f" | {statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} | {statistics.mean(secs):.0f} |")
 
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300, help="recon.iters per block (part recon)")
     ap.add_argument("--epochs", type=int, default=3, help="FP training epochs (part recon)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--families", nargs="+", default=["graph", "resnet"], help="split rules to compare (part recon)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -195,7 +197,7 @@ def main() -> None:
     if args.part in ("zoo", "all"):
         part_zoo(lines)
     if args.part in ("recon", "all"):
-        part_recon(lines, args.iters, args.epochs, args.seeds)
+        part_recon(lines, args.iters, args.epochs, args.seeds, args.families)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

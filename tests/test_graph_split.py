@@ -312,3 +312,26 @@ def test_quantize_api_reconstructs_graph_blocks(model, packing, blocks):
     with torch.no_grad():
         ref, xt = model(x[48:]), x[48:]
         assert (q(xt) - ref).norm() < (rtn(xt) - ref).norm()
+
+
+def test_command_line_models_without_a_rule_take_the_graph_rule():
+    """`model=timm model.name=...` (and `model.checkpoint=`, the same builder) reach the fp phase's
+    split with model.family=auto: a timm model no family rule knows is split by its graph."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from packptq import fp
+    from packptq.config import typed
+    from packptq.schemas import register
+    from packptq.zoo.build import ModelConfig, build_model
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(fp.__file__).parent / "conf"), version_base=None):
+        cfg = compose(overrides=["+model=timm", "+model.name=ghostnet_100"])
+    mcfg = typed(ModelConfig, OmegaConf.merge(cfg.model, {"pretrained": False}), "model")
+    model = build_model(mcfg, {"num_classes": 10, "in_chans": 3, "img_size": 32}).eval()
+    s = fp.split(model, mcfg, torch.randn(2, 3, 32, 32))
+    assert mcfg.family == "auto" and s.family == "graph"
+    assert s.block_names[0] == "blocks.0.0" and len(s.blocks) == 16
