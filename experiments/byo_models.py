@@ -6,8 +6,8 @@ resnet rule on the same weights.
 
     PACKPTQ_THREADS=1 python experiments/byo_models.py --out experiments/results/byo_models.md
 
-Part 1 (``--part zoo``): random weights (seed 0), 64x64 RGB inputs drawn from N(0, 1): 32
-calibration images, 256 other images for agreement (top-1 of the quantized model equal to the
+Part 1 (``--part zoo``): random weights (seed 0) with BatchNorm statistics set on the
+calibration images (``recalibrate_bn``), 64x64 RGB inputs drawn from N(0, 1): 32 calibration images, 256 other images for agreement (top-1 of the quantized model equal to the
 FP model's) and the relative logit error ||q - fp|| / ||fp||. ``quant=w8a8 packing=none``
 (initialisation only), first/last layer at 8 bits. Seconds: the whole ``quantize`` call
 (copies, BN folding, weight range search, calibration, split), one CPU thread.
@@ -67,6 +67,21 @@ def flush() -> None:
         OUT["path"].write_text("\n".join(OUT["lines"]) + "\n")
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> None:
+    """BatchNorm statistics set to those of ``x`` (one training-mode pass, cumulative average),
+    as a trained network's are: at initialisation the running statistics (0, 1) do not match
+    the activations, and deep networks pass a vanishing signal (torchvision's mobilenet_v2
+    gives logits of size 1e-10), which no quantizer can resolve."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    model(x)
+    model.eval()
+
+
 def rtn_row(name, build, in_chans=3, size=64):
     torch.manual_seed(0)
     try:
@@ -74,8 +89,7 @@ def rtn_row(name, build, in_chans=3, size=64):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, in_chans, size, size, generator=g)
         xt = torch.randn(256, in_chans, size, size, generator=g)
-        with torch.no_grad():
-            model(x[:2])
+        recalibrate_bn(model, x)
     except Exception as exc:  # noqa: BLE001 - the model itself does not run at this size
         return f"| {name} | does not run at {size}x{size}: {' '.join(str(exc).split())[:90]} | | | | |"
     t0 = time.perf_counter()
@@ -88,15 +102,45 @@ def rtn_row(name, build, in_chans=3, size=64):
     return f"| {name} | {len(rep['blocks'])} | {rep['family']} | {agree:.1f} | {err:.3f} | {secs:.1f} |"
 
 
-def part_zoo(lines):
-    import timm
+HEAD = ["| model | blocks | split by | W8A8 agreement % | rel. logit error | seconds |", "|---|---|---|---|---|---|"]
+
+
+def part_torchvision(lines):
     import torchvision
 
-    head = ["| model | blocks | split by | W8A8 agreement % | rel. logit error | seconds |", "|---|---|---|---|---|---|"]
-    lines += ["## torchvision classification models, 64x64, random weights", ""] + head
+    lines += ["## torchvision classification models, 64x64, random weights", ""] + HEAD
     for name, kw in TORCHVISION:
         lines.append(rtn_row(name, lambda: getattr(torchvision.models, name)(num_classes=10, **kw)))
         flush()
+
+
+def part_blocks(lines):
+    """Blocks only (no quantization): every torchvision family, split by ``split_model``."""
+    import torchvision
+
+    lines += ["", "## Blocks found on torchvision's classification models (64x64 input, split only)", "",
+              "| model | split by | blocks | prefix modules | first blocks | last block | suffix modules | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, kw in TORCHVISION:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10, **kw).eval()
+        t0 = time.perf_counter()
+        try:
+            s = split_model(model, example_input=torch.randn(2, 3, 64, 64))
+        except Exception as exc:  # noqa: BLE001 - reported as the row
+            lines.append(f"| {name} | fails: {' '.join(str(exc).split())[:120]} | | | | | | |")
+            continue
+        short = lambda v: ", ".join(v) if len(v) <= 4 else ", ".join(v[:2] + ["...", v[-1]])  # noqa: E731
+        lines.append(f"| {name} | {s.family} | {len(s.blocks)} | {short(s.prefix.names)} | "
+                     f"{', '.join(s.block_names[:3])} | {s.block_names[-1]} | {short(s.suffix.names)} | "
+                     f"{time.perf_counter() - t0:.1f} |")
+        flush()
+
+
+def part_others(lines):
+    import timm
+
+    head = HEAD
     lines += ["", "## timm models without a conf/model file, 64x64, random weights", ""] + head
     for name in TIMM:
         lines.append(rtn_row(name, lambda: timm.create_model(name, num_classes=10)))
@@ -181,7 +225,8 @@ def part_recon(lines, iters: int, epochs: int, seeds, families=("graph", "resnet
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["zoo", "recon", "all"], default="all")
+    ap.add_argument("--part", choices=["blocks", "torchvision", "others", "zoo", "recon", "all"], default="all",
+                    help="zoo: torchvision and others (timm, custom)")
     ap.add_argument("--iters", type=int, default=300, help="recon.iters per block (part recon)")
     ap.add_argument("--epochs", type=int, default=3, help="FP training epochs (part recon)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -192,10 +237,15 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     lines = ["# Models without a packptq config, through `packptq.quantize`", "",
              f"Regenerate: `PACKPTQ_THREADS=1 python experiments/byo_models.py --part {args.part}"
-             f"{'' if args.part == 'zoo' else f' --iters {args.iters} --epochs {args.epochs}'} --out FILE`.", ""]
+             f"{f' --iters {args.iters} --epochs {args.epochs} --families {chr(32).join(args.families)}' if args.part == 'recon' else ''}"
+             f" --out FILE`.", ""]
     OUT.update(path=args.out, lines=lines)
-    if args.part in ("zoo", "all"):
-        part_zoo(lines)
+    if args.part in ("blocks", "all"):
+        part_blocks(lines)
+    if args.part in ("torchvision", "zoo", "all"):
+        part_torchvision(lines)
+    if args.part in ("others", "zoo", "all"):
+        part_others(lines)
     if args.part in ("recon", "all"):
         part_recon(lines, args.iters, args.epochs, args.seeds, args.families)
     text = "\n".join(lines) + "\n"
