@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from packptq import export, fp, mp
-from packptq.artifacts import RunDir, flatten, hash_obj
+from packptq.artifacts import RunDir, code_version, flatten, hash_obj
 from packptq.calibration import calibrate_twins
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
@@ -104,6 +104,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "time_s": _add(qz.prior_times or {}, qz.timer.times), "fingerprint": qz.rd.run_fp,
         "calib_fingerprint": dm.fingerprint(), "calib_size": len(qz.x_cal),
         "overrides": list(overrides or []), "config": qz.cfg_dict, "run_dir": str(qz.rd.path),
+        "packptq": code_version(),
     }
     if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
         results["export"] = export_run(qz, str(cfg.export))
