@@ -24,6 +24,7 @@ from packptq.data import build_datamodule
 from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
 from packptq.quant import QuantConfig
+from packptq.quant.quantizer import RANGE_NORM
 from packptq.recon import ReconConfig, ReconSequence, plan_units
 from packptq.recon.sequence import check_cache_budget
 from packptq.runtime import (Timer, autocast, check_seed, device_of, log_metrics, log_table, quiet_lightning,
@@ -89,7 +90,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     results = {
         "model": mcfg.name, "data": dm.cfg.name, "seed": int(cfg.seed),
         "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
-                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")},
+                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")}
+                 | {"range_norm": RANGE_NORM},
         "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
         "mp": qz.mp_plan.describe() if qz.mp_plan is not None else {"policy": "none"},
         "fp_top1": qz.fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
