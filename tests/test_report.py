@@ -78,8 +78,9 @@ def test_collect_flattens_every_run(multirun):
     assert row.n_packs == 3 and row.time_total_s == 12.0
     assert json.loads(row.bits) == [2, 3, 4] and json.loads(row.pack_sizes) == [1, 2, 1]
     assert row.overrides == "seed=1 model=resnet18"
-    # run_dir is where the file is now, not the path recorded when it was written
-    assert Path(row.run_dir) == (multirun / "2025-01-01" / "12-00-01" / "0").resolve()
+    # run_dir is the run's place relative to the directory given, not the path recorded when
+    # it was written: reports made anywhere from the same runs agree
+    assert row.run_dir == "2025-01-01/12-00-01/0"
     assert df[df.packing_policy == "block"].bits.isna().all()
 
 
@@ -93,7 +94,7 @@ def test_collect_counts_a_file_once_and_accepts_files(multirun):
 def test_missing_keys_become_nan(tmp_path, multirun):
     write(tmp_path / "old", {"model": "resnet18", "seed": 0, "quant_top1": 50.0})
     df = report.collect([multirun, tmp_path / "old"])
-    old = df[df.run_dir == str((tmp_path / "old").resolve())].iloc[0]
+    old = df[df.run_dir == "old"].iloc[0]  # two paths given: each run is named under its path
     assert old.quant_top1 == 50.0
     for column in ("w_bits", "packing_policy", "mp_avg_bits", "fp_top1", "n_packs",
                    "time_total_s", "bits"):
@@ -190,16 +191,17 @@ def test_rows_split_by_every_varying_override(tmp_path):
     assert {"top1_by_setting.png", "recon_loss.png"} <= set(out)
     fig = report.plot_top1_by_setting(summary)
     (ax,) = fig.axes
-    assert ax.get_title() == "resnet18 on cifar10, W4A4: by data.calib_size"
+    assert ax.get_title() == "resnet18 on cifar10, W4A4\ntop-1 of each setting, mean ± std over seeds"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["data.calib_size=16", "data.calib_size=64"]
     fig = report.plot_recon_loss(report.load_report(tmp_path / "report")[0])
     (ax,) = fig.axes
-    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-    assert lines == {"data.calib_size=16 (2 runs)": pytest.approx([0.5 / 16, 1 / 16]),
-                     "data.calib_size=64 (2 runs)": pytest.approx([0.5 / 64, 1 / 64])}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["data.calib_size=16 (2 runs)",
+                                                                   "data.calib_size=64 (2 runs)"]
+    heights = sorted({round(float(seg[0][1]), 8) for c in ax.collections for seg in c.get_segments()})
+    assert heights == pytest.approx(sorted([0.5 / 16, 1 / 16, 0.5 / 64, 1 / 64]))
 
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r2"), "--by", "model"]) == 0
-    assert (tmp_path / "r2" / "summary.md").read_text().count("\n|") == 2  # one row
+    assert len(pd.read_csv(tmp_path / "r2" / "summary.csv")) == 1  # one row
     with pytest.raises(SystemExit, match="nope"):
         report.main([str(tmp_path), "--out", str(tmp_path / "r3"), "--by", "nope"])
 
@@ -232,7 +234,7 @@ def test_write_report_files(multirun, tmp_path):
 
     fig = report.plot_top1_vs_bits(summary)
     (ax,) = fig.axes
-    assert ax.get_xlabel() == "average weight bits" and ax.get_ylabel() == "top-1 (%)"
+    assert ax.get_xlabel() == "average weight bits (achieved)" and ax.get_ylabel() == "top-1 (%)"
     series = {}
     for c in ax.containers:  # one errorbar series per model / packing / mp policy
         line = c.lines[0]
