@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import tempfile
 import sys
 import warnings
@@ -191,8 +192,12 @@ def write_records(path: str | Path, records: Sequence[dict], failed: Sequence[di
 
 
 def _run_label(base: Path, run_dir: Path, prefix: str) -> str:
-    rel = run_dir.relative_to(base).as_posix() if run_dir != base else base.name
-    return f"{prefix}/{rel}" if prefix and rel != "." else (rel if rel != "." else base.name)
+    """``run_dir``'s name in a report: its path relative to ``base`` (the directory given),
+    under ``prefix`` when several were given; a run directory given itself is its name."""
+    if run_dir == base:
+        return prefix or base.name
+    rel = run_dir.relative_to(base).as_posix()
+    return f"{prefix}/{rel}" if prefix else rel
 
 
 def _sweep_size(sweep: Path) -> int | None:
@@ -225,15 +230,25 @@ def _failures(base: Path, prefix: str, found: int) -> list[dict]:
     """The jobs under ``base`` without a ``results.json``: failed (their ``error.txt`` line),
     unfinished (a ``.hydra`` folder and nothing else), and never started (fewer jobs than the
     sweep's ``multirun.yaml`` asks for)."""
+    def job_overrides(job: Path) -> str:
+        try:
+            import yaml
+
+            items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        except (OSError, ImportError, ValueError):
+            return ""
+        return " ".join(str(i) for i in items if str(i).split("=")[0].lstrip("+~") not in ("logger", "threads", "progress"))
+
     out = []
-    for err in sorted(base.rglob(ERROR_FILE)):
+    for err in sorted(base.rglob(ERROR_FILE), key=lambda p: _natural(str(p))):
         if not (err.parent / RESULTS_FILE).exists():
             lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
-            out.append({"run": _run_label(base, err.parent, prefix), "error": lines[-1] if lines else "(empty)"})
-    for hyd in sorted(base.rglob(".hydra")):
+            out.append({"run": _run_label(base, err.parent, prefix), "overrides": job_overrides(err.parent),
+                         "error": lines[-1] if lines else "(empty)"})
+    for hyd in sorted(base.rglob(".hydra"), key=lambda p: _natural(str(p))):
         job = hyd.parent
         if job != base and not (job / RESULTS_FILE).exists() and not (job / ERROR_FILE).exists():
-            out.append({"run": _run_label(base, job, prefix),
+            out.append({"run": _run_label(base, job, prefix), "overrides": job_overrides(job),
                         "error": f"unfinished: no {RESULTS_FILE} and no {ERROR_FILE} (killed or still running)"})
     expected = _sweep_size(base)
     if expected is not None and found + len(out) < expected:
@@ -327,10 +342,20 @@ def _row(record: dict) -> dict[str, Any]:
     return row
 
 
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
 def frame(records: Sequence[dict]) -> pd.DataFrame:
-    """One row per record (see ``collect``)."""
+    """One row per record (see ``collect``). A run that did not override a key another run
+    did shows the value of its own config there, so runs of different sweeps compare."""
     rows = [_row(r) for r in records]
     extra = sorted({k for r in rows for k in r} - _FIXED)
+    for row, record in zip(rows, records):
+        for key in extra:
+            if key not in row and record.get("config"):
+                value = _config(record, *key.split("."))
+                row[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
     columns = [*CONFIG_COLUMNS, *extra, "seed", *METRICS, *RUN_COLUMNS]
     df = pd.DataFrame(rows, columns=columns)
     for name in METRICS:
@@ -529,7 +554,8 @@ def failures_section(failed: Sequence[dict]) -> str:
     if not failed:
         return ""
     lines = [f"## Failed or missing jobs ({len(failed)})", ""]
-    lines += [f"- `{f['run']}`: {str(f['error']).replace('|', '/')}" for f in failed]
+    lines += [f"- `{f['run']}`" + (f" (`{f['overrides']}`)" if f.get("overrides") else "")
+              + f": {str(f['error']).replace('|', '/')}" for f in failed]
     return "\n".join(lines) + "\n"
 
 
