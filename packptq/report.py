@@ -183,7 +183,7 @@ def write_records(path: str | Path, records: Sequence[dict], failed: Sequence[di
     """Write ``records.json``: ``{"report": meta, "runs": [...], "failed": [...]}``, one run
     per line so that a change to one run is one line of a diff."""
     lines = ['{"report": ' + json.dumps(meta or {}, sort_keys=True) + ',', ' "runs": [']
-    lines += [" " + json.dumps(r, sort_keys=True) + ("," if i < len(records) - 1 else "")
+    lines += [" " + json.dumps(r) + ("," if i < len(records) - 1 else "")
               for i, r in enumerate(records)]
     lines += [" ],", ' "failed": ' + json.dumps(list(failed), sort_keys=True) + "}"]
     path = Path(path)
@@ -963,6 +963,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"packptq-report: {exc}") from None
         for line in problems:
             print(f"packptq-report: mismatch: {line}", file=sys.stderr)
+        inside = [f.resolve() for f in folders]
+        others = sorted(p for p in Path(args.check).rglob("*") if p.is_file()
+                        and not any(p.resolve().is_relative_to(f) for f in inside))
+        if others:  # benchmark scripts' outputs: made from their own measurements, not run records
+            print(f"not report folders, not checked: {', '.join(str(p) for p in others)}")
         print(f"checked {len(folders)} report folder(s) under {args.check}: "
               f"{len(problems)} mismatch(es)")
         return 1 if problems else 0
