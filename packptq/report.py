@@ -504,7 +504,13 @@ SETTINGS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
 
 def _values(records: Sequence[dict], get: Callable[[dict], Any]) -> list[str]:
     vals = {_fmt_value(get(r)) or "not recorded" for r in records}
-    return sorted(vals, key=lambda v: (len(v), v))
+
+    def key(v: str):
+        try:
+            return (0, float(v), v)
+        except ValueError:
+            return (1, 0.0, v)
+    return sorted(vals, key=key)
 
 
 def settings_header(records: Sequence[dict], title: str) -> str:
@@ -612,7 +618,7 @@ def add_reference(summary: pd.DataFrame, reference: Sequence[dict]) -> pd.DataFr
     for _, row in out.iterrows():
         hits = [r for r in reference
                 if all(_fmt_value(row.get(k)) == _fmt_value(r[k]) for k in ("model", "data", "w_bits", "a_bits"))
-                and _fmt_value(row.get("mp_policy")) == r["mp"] and _method_matches(r["method"], row)]
+                and (_fmt_value(row.get("mp_policy")) or "none") == r["mp"] and _method_matches(r["method"], row)]
         mean = row.get("quant_top1_mean", np.nan)
         tops.append("; ".join(f"{h['top1']:.2f}" for h in hits))
         diffs.append("; ".join(f"{mean - h['top1']:+.2f}" for h in hits) if not pd.isna(mean) else "")
@@ -891,7 +897,9 @@ def _first_difference(a: str, b: str) -> str:
     la, lb = a.splitlines(), b.splitlines()
     for n, (x, y) in enumerate(zip(la, lb), start=1):
         if x != y:
-            return f"line {n}: committed {x[:80]!r}, regenerated {y[:80]!r}"
+            at = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+            lo = max(0, at - 30)
+            return f"line {n}: committed ...{x[lo:at + 30]!r}, regenerated ...{y[lo:at + 30]!r}"
     return f"{len(la)} lines committed, {len(lb)} regenerated"
 
 
