@@ -520,7 +520,7 @@ def settings_header(records: Sequence[dict], title: str) -> str:
     commits = sorted({(r.get("packptq") or {}).get("commit") or "not recorded" for r in records})
     has_val = any(isinstance(r.get("val_top1"), (int, float)) for r in records)
     lines = [f"# {title}", "",
-             f"Made by `packptq-report` from `{RECORDS_FILE}` beside it ({len(records)} runs; packptq "
+             f"Made by `packptq-report` from `{RECORDS_FILE}` beside it ({len(records)} run{'s' * (len(records) != 1)}; packptq "
              f"commit {', '.join(c[:12] if c != 'not recorded' else c for c in commits)}); "
              "`packptq-report --check` regenerates it. Top-1 in %, mean ± std over seeds.", "",
              "| setting | value |", "|---|---|"]
