@@ -307,6 +307,17 @@ def test_records_regenerate_the_report_and_check_names_each_mismatch(multirun, t
     assert report.check(tmp_path / "results")[0] == []
 
 
+def test_code_version_names_the_checkout():
+    from packptq.artifacts import code_version
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    version = code_version()
+    assert version["version"] and version["commit"].split("+")[0] == head.stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    assert version["commit"].endswith("+dirty") == bool(dirty)
+
+
 def test_committed_results_pass_check():
     """Every report folder under experiments/results/ is what packptq-report makes from the
     records committed beside it, and the experiments README names no folder that is missing."""
