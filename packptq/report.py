@@ -671,7 +671,10 @@ def plot_top1_by_setting(summary: pd.DataFrame):
     keys = _settings(summary)
     labels = [_setting_label(r, keys).replace(", ", "\n") for _, r in summary.iterrows()]
     x = np.arange(len(summary))
-    fig = Figure(figsize=(max(6.5, 1.4 * len(x) + 3.5), 4.6), layout="constrained")
+    longest = max((len(line) for lab in labels for line in lab.splitlines()), default=10)
+    per_bar = max(1.4, 0.065 * longest)  # room for the longest line of a label
+    fig = Figure(figsize=(max(6.5, per_bar * len(x) + 3.5), 4.6 + 0.12 * max(len(keys) - 2, 0)),
+                 layout="constrained")
     ax = fig.subplots()
     for off, metric, name in ((-0.2, "rtn_top1", "RTN (init only)"), (0.2, "quant_top1", "reconstructed")):
         if f"{metric}_mean" in summary:
@@ -729,9 +732,9 @@ def plot_recon_loss(df: pd.DataFrame):
         units = json.loads(r["units"]) if isinstance(r.get("units"), str) else {}
         maps.append({k: units.get(k, [k]) for k in json.loads(r["recon_loss"])})
     axis, pos = _block_axis(maps)
-    fig = Figure(figsize=(max(7.0, 0.45 * len(axis) + 3), 4.6), layout="constrained")
-    ax = fig.subplots()
     settings = runs.apply(lambda r: _setting_label(r, keys), axis=1)
+    fig = Figure(figsize=(max(7.0, 0.45 * len(axis) + 3), 4.6 + 0.2 * settings.nunique()), layout="constrained")
+    ax = fig.subplots()
     colours = {s: f"C{i % 10}" for i, s in enumerate(sorted(settings.unique()))}
     for i, (_, r) in enumerate(runs.iterrows()):
         losses = json.loads(r["recon_loss"])
@@ -750,7 +753,7 @@ def plot_recon_loss(df: pd.DataFrame):
     ax.set_ylabel("final reconstruction loss of the unit")
     ax.set_title(plot_title(runs) + ": reconstruction loss per unit", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, framealpha=0.9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.legend(fontsize=7, loc="outside lower center")
     return fig
 
 
@@ -760,10 +763,12 @@ def plot_top1_vs_bits(summary: pd.DataFrame, ax=None):
     One series (legend entry) per setting: every config or override column that varies,
     except the weight bits and the mixed-precision budget, which the x axis shows; dashed grey
     lines mark each model's FP top-1. Returns the Figure."""
-    if ax is None:
-        ax = Figure(figsize=(8, 4.5), layout="constrained").subplots()
-    fig = ax.figure
     keys = _settings(summary, exclude=("w_bits", "mp_avg_bits"))
+    own = ax is None
+    if own:
+        n = len(summary.groupby(keys, dropna=False)) if keys else 1
+        ax = Figure(figsize=(8, 4.5 + 0.2 * n), layout="constrained").subplots()
+    fig = ax.figure
     data = summary.dropna(subset=["w_bits_avg_mean", "quant_top1_mean"])
     if data.empty:
         ax.text(0.5, 0.5, "no run has both w_bits_avg and quant_top1", ha="center",
@@ -778,11 +783,14 @@ def plot_top1_vs_bits(summary: pd.DataFrame, ax=None):
             marker="o", capsize=3, label=_setting_label(pd.Series(dict(zip(keys, key))), keys),
         )
     if "fp_top1_mean" in summary.columns and "model" in summary.columns:
-        fp = summary.groupby("model", dropna=False)["fp_top1_mean"].mean().dropna()
-        # Models with the same FP accuracy share one line and one label.
+        # one FP network per model and data set; those with the same accuracy share a line
+        by = [c for c in ("model", "data") if c in summary.columns]
+        fp = summary.groupby(by, dropna=False)["fp_top1_mean"].mean().dropna()
+        several_data = "data" in summary.columns and summary["data"].nunique() > 1
         for value, models in fp.groupby(fp.round(2)):
             ax.axhline(value, ls="--", lw=0.8, color="grey")
-            names = ", ".join(_fmt_value(m) for m in models.index)
+            keys = [k if isinstance(k, tuple) else (k,) for k in models.index]
+            names = ", ".join(" on ".join(map(_fmt_value, k)) if several_data else _fmt_value(k[0]) for k in keys)
             ax.annotate(f"FP {names}", (0.01, value), xycoords=("axes fraction", "data"),
                         fontsize=7, color="grey", va="bottom")
     ax.set_xlabel("average weight bits (achieved)")
@@ -790,7 +798,10 @@ def plot_top1_vs_bits(summary: pd.DataFrame, ax=None):
     ax.set_title(plot_title(summary), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, framealpha=0.9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        if own:  # below the plot: setting labels can be long
+            fig.legend(fontsize=7, loc="outside lower center")
+        else:
+            ax.legend(fontsize=7, framealpha=0.9)
     return fig
 
 

@@ -195,7 +195,7 @@ def test_rows_split_by_every_varying_override(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["data.calib_size=16", "data.calib_size=64"]
     fig = report.plot_recon_loss(report.load_report(tmp_path / "report")[0])
     (ax,) = fig.axes
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["data.calib_size=16 (2 runs)",
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["data.calib_size=16 (2 runs)",
                                                                    "data.calib_size=64 (2 runs)"]
     heights = sorted({round(float(seg[0][1]), 8) for c in ax.collections for seg in c.get_segments()})
     assert heights == pytest.approx(sorted([0.5 / 16, 1 / 16, 0.5 / 64, 1 / 64]))
