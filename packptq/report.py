@@ -494,7 +494,8 @@ SETTINGS: tuple[tuple[str, Callable[[dict], Any]], ...] = (
     ("rounding learning rate (`recon.w_lr`)", lambda r: _config(r, "recon", "w_lr")),
     ("block-score loss (`packing.loss`)", lambda r: (r.get("packing") or {}).get("loss")),
     ("first/last layer bits (`quant.first_last_bits`)",
-     lambda r: (r.get("quant") or {}).get("first_last_bits", "?") or "the run's bits"),
+     lambda r: ((r.get("quant") or {}).get("first_last_bits") or "the run's bits")
+     if "first_last_bits" in (r.get("quant") or {}) else None),
     ("activation quantizers at (`quant.act_placement`)", lambda r: (r.get("quant") or {}).get("act_placement")),
     ("iterations per unit (`recon.iters`)", lambda r: _config(r, "recon", "iters")),
     ("calibration images", lambda r: r.get("calib_size")),
