@@ -81,6 +81,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
     if cfg.get("export") not in (None, *export.FORMATS):
         raise ConfigError(f"export={cfg.export}; use {'|'.join(export.FORMATS)} or null")
+    code = code_version()  # the code as loaded now, before a checkout can move under the run
     qz = quantized(cfg, logger)
     twins, dm, device, qcfg, pcfg, mcfg, info = qz.twins, qz.dm, qz.device, qz.qcfg, qz.pcfg, qz.mcfg, qz.info
     with qz.timer.phase("eval"), autocast(qz.trainer_kw, device):
@@ -106,7 +107,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "time_s": _add(qz.prior_times or {}, qz.timer.times), "fingerprint": qz.rd.run_fp,
         "calib_fingerprint": dm.fingerprint(), "calib_size": len(qz.x_cal),
         "overrides": list(overrides or []), "config": qz.cfg_dict, "run_dir": str(qz.rd.path),
-        "packptq": code_version(),
+        "packptq": code,
     }
     if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
         results["export"] = export_run(qz, str(cfg.export))
