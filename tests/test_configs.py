@@ -23,7 +23,7 @@ from packptq.zoo.build import ModelConfig
 
 from conftest import CONF, compose_cfg
 
-GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "experiment",
+GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "profile", "experiment",
           "hydra/launcher"]
 #: values that an option leaves mandatory (???), supplied so it can compose completely
 #: ({tmp} is the test's tmp_path, holding an empty d.npz)
@@ -97,6 +97,15 @@ def test_mandatory_values_are_asked_for(group, option, match, tmp_path):
     schema = {"model": ModelConfig, "packing": PackingConfig}[group]
     with pytest.raises(ConfigError, match=match):
         typed(schema, cfg[group], group)
+
+
+@pytest.mark.parametrize("option", options("profile"))
+def test_profile_options_compose_and_type(option, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"profile={option}"])
+    check_owned(cfg)
+    # a profile sets switches of the sections packptq owns, nothing else
+    text = OmegaConf.to_container(OmegaConf.load(CONF / "profile" / f"{option}.yaml")) or {}
+    assert set(text) <= {"quant", "packing", "mp", "recon", "data"}, set(text)
 
 
 @pytest.mark.parametrize("option", options("trainer"))
