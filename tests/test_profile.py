@@ -4,7 +4,6 @@ quant/reconstruction.py, utils/other_utils.py), and profile=default keeps packpt
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -22,10 +21,11 @@ from packptq.quant.convert import act_quantizers
 from packptq.quant.quantizer import RANGE_GRIDS, RANGE_NORM
 from packptq.recon import ReconSequence, plan_units
 from packptq.recon import sequence as seq_mod
-from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction
+from packptq.recon.unit import ReconConfig, UnitReconstruction
 from packptq.zoo.build import ModelConfig, build_model
 
 from conftest import compose_cfg
+from test_recon_cache import twins_setup  # noqa: F401  (the fixture: twins of a small resnet18)
 
 CPU = torch.device("cpu")
 TRAINER = {"accelerator": "cpu"}
@@ -228,17 +228,8 @@ def test_calibrate_twins_reads_the_init_from_the_quant_config():
 
 
 # -- QDrop placement ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def twins_setup():
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64]}),
-                        {"num_classes": 10, "in_chans": 1, "img_size": 16})
-    x = torch.randn(32, 1, 16, 16)
-    return calibrate_twins(model, "resnet", QuantConfig(w_bits=4, a_bits=4), x, 0, 16, CPU), x
-
-
 @pytest.mark.parametrize("drop_units", ["all", "packs"])
-def test_qdrop_on_pack_inputs_only(drop_units, twins_setup, tmp_path, monkeypatch):
+def test_qdrop_on_pack_inputs_only(drop_units, twins_setup, tmp_path, monkeypatch):  # noqa: F811
     """quant/reconstruction.py _prepare_batch_data: a pack's input mixes the quantized and FP
     inputs (input_prob 0.5); a single prefix/suffix module trains on its quantized input."""
     seen = {}
