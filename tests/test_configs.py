@@ -176,7 +176,8 @@ def sweep_values(params) -> list:
 
 
 #: experiments whose sweeps compose many values (5.7 to 7.4 s each on a shared 2-core box)
-SLOW_EXPERIMENTS = {"paper_cnn", "paper_vit", "ablation_granularity", "ablation_granularity_deit"}
+SLOW_EXPERIMENTS = {"paper_cnn", "paper_vit", "paper_cnn_mp", "paper_vit_mp", "ablation_granularity",
+                    "ablation_granularity_deit"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERIMENTS else n
