@@ -66,6 +66,7 @@ def tables(out: Path) -> str:
     for r in main:
         cells.setdefault((r["quant"]["w_bits"], r["quant"]["a_bits"], profile_of(r)), []).append(r)
     for (w, a, prof), rs in sorted(cells.items(), key=lambda kv: (-kv[0][0], -kv[0][1], kv[0][2])):
+        rs = sorted(rs, key=lambda r: r["seed"])
         packs = sorted({len(r["packs"]) for r in rs})
         fl = rs[0]["quant"]["first_last_bits"]
         lines.append(f"| W{w}A{a} | {prof} | {fl if fl is not None else f'{w}/{a} (run bits)'} | "
