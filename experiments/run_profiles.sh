@@ -3,11 +3,13 @@
 # its cached FP model): W4A4 / W3A3 / W2A4 x 3 seeds, then the official switches one at a time
 # on top of the default profile at W3A3 (seed 0). One process at a time, one thread, the same
 # reduced recon.iters for every run (equal steps). Usage:
-#   bash experiments/run_profiles.sh [OUT]    (default OUT: multirun/profiles; ITERS=100)
-# then: python experiments/profile_records.py OUT --out experiments/results/profiles
+#   bash experiments/run_profiles.sh [OUT]    (default OUT: multirun/profiles; ITERS=20)
+# then (job 3 of main/ is profile=default W3A3 seed 0, the baseline of the switches):
+#   packptq-report OUT/main --out experiments/results/profiles
+#   packptq-report OUT/ablation OUT/main/3 --out experiments/results/profile_switches
 set -euo pipefail
 OUT=${1:-multirun/profiles}
-ITERS=${ITERS:-100}
+ITERS=${ITERS:-20}
 PACKPTQ=${PACKPTQ:-packptq}
 COMMON="model=resnet18 data=mnist5k recon.iters=$ITERS threads=1 logger=none progress=false"
 $PACKPTQ -m $COMMON profile=default,official quant=w4a4,w3a3,w2a4 seed=0,1,2 hydra.sweep.dir=$OUT/main
