@@ -94,10 +94,10 @@ def case_one_class(w: Path, cache: Path) -> dict:
 
 def case_zero_step_after_val(w: Path, cache: Path) -> dict:
     fresh = w / "cache"  # an empty FP cache: whatever lands there was trained by this command
-    args = [*TINY, "data.val_size=1300", "model.train_batch_size=64", f"hydra.run.dir={w / 'run'}"]
+    args = [*TINY, "data.calib_size=16", "data.val_size=1350", "model.train_batch_size=64", f"hydra.run.dir={w / 'run'}"]
     r = run(packptq(*args), env(fresh), w)
     r["cache_entries"] = sorted(p.name for p in (fresh / "fp").glob("*.pt")) if (fresh / "fp").exists() else []
-    return {"cmd": "packptq <tiny> data.val_size=1300 model.train_batch_size=64  (1397 training samples)", **r}
+    return {"cmd": "packptq <tiny> data.calib_size=16 data.val_size=1350 model.train_batch_size=64  (1397 training samples)", **r}
 
 
 def case_diverged_recon(w: Path, cache: Path) -> dict:

@@ -593,7 +593,7 @@ def test_cli_interrupt_prints_the_resume_command(sig, tmp_path, trained_tiny):
     again = shlex.split(line[0].split("resume with: ", 1)[1])
     assert again[0] == "packptq" and again[-1] == f"hydra.run.dir={run_dir}" and again[1:-1] == args[:-1]
     assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "results.json").exists()
-    assert sorted(x.name for x in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt"]
+    assert sorted(x.name for x in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt", "unit_02.pt"]
     kept = (run_dir / "unit_00.pt").read_bytes()
     p = subprocess.run([sys.executable, "-m", "packptq", *again[1:]], env=_cli_env(), cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
