@@ -54,7 +54,7 @@ class Classifier(L.LightningModule):
 
 #: data settings that do not change the trained FP weights (serving and calibration choices;
 #: the data's content enters the key through its digest, so a moved file keeps its model)
-_DATA_NOT_IN_KEY = ("calib_size", "calib_seed", "num_workers", "batch_size", "path")
+_DATA_NOT_IN_KEY = ("calib_size", "calib_seed", "calib_transform", "num_workers", "batch_size", "path")
 
 
 def fp_cache_key(model_cfg, data_cfg, content: Optional[str] = None, precision: Optional[str] = None) -> str:

@@ -129,6 +129,31 @@ class ImageFolderData(BaseDataModule):
         cfg = timm.data.resolve_model_data_config(model, args=args)
         self._set_transform(timm.data.create_transform(**cfg, is_training=False))
         self.input_size = tuple(cfg["input_size"])
+        self.data_config = cfg
+
+    def train_transform(self) -> Callable:
+        """The calibration images' augmentation for ``data.calib_transform=train``: a random
+        resized crop to the input size (scale 0.08..1) and a horizontal flip, then the model's
+        normalisation; sizes, interpolation, mean and std from the model's timm data config (the
+        official Pack-PTQ code calibrates on RandomResizedCrop + flip training images)."""
+        import timm.data
+        from torchvision import transforms
+
+        cfg = getattr(self, "data_config", None) or timm.data.resolve_data_config({"input_size": self.input_size})
+        interp = timm.data.transforms.str_to_interp_mode(cfg.get("interpolation", "bilinear"))
+        return transforms.Compose([transforms.RandomResizedCrop(tuple(cfg["input_size"][1:]), interpolation=interp),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                   transforms.Normalize(cfg["mean"], cfg["std"])])
+
+    def calib_samples(self, idx) -> list:
+        """The training images ``idx`` decoded under ``train_transform`` (the split's own
+        transform is left as it was)."""
+        ds, eval_t = self.train_set, self.train_set.transform
+        ds.transform = self.train_transform()
+        try:
+            return [ds[i] for i in idx]
+        finally:
+            ds.transform = eval_t
 
     # -- metadata ---------------------------------------------------------------------------
     def _split_dir(self, split: str) -> Path:
