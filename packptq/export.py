@@ -17,11 +17,14 @@ dequantized ends of 0..2^b-1, which is the same as clamping the integers. The lo
 softmax quantizer has no exact standard-operator form and is refused (``ExportError``)."""
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import types
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -33,7 +36,7 @@ from packptq.quant.quantizer import ActQuantizer, LogSqrt2Quantizer, UniformQuan
 from packptq.zoo.build import ModelConfig, build_model, resolved_config
 
 FORMAT = "packptq-quantized"
-VERSION = 1
+VERSION = 2  # 2: content digest, quantization config and example shape outside the recipe
 OPSET = 17
 FORMATS = ("pt", "onnx")
 
@@ -90,8 +93,8 @@ def recipe(model_cfg: ModelConfig, meta: dict, qcfg: QuantConfig, example_shape)
             "example_shape": list(example_shape)}
 
 
-def quantized_state(qmodel: nn.Module, rec: dict) -> dict:
-    """The pt checkpoint of ``qmodel`` (a dict, see the module docstring)."""
+def quantized_state(qmodel: nn.Module, rec: Optional[dict] = None) -> dict:
+    """The pt checkpoint of ``qmodel`` (a dict, see the module docstring), its digest included."""
     layers, skip = {}, set()
     for name, m in qmodel.named_modules():
         if isinstance(m, QuantLayer):
@@ -108,52 +111,208 @@ def quantized_state(qmodel: nn.Module, rec: dict) -> dict:
             attrs[name] = {"bits": m.bits, "enabled": m.enabled}
         elif isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)):
             attrs[name] = {"bits": m.bits, "enabled": m.enabled}
-    return {"format": FORMAT, "version": VERSION, "recipe": rec, "layers": layers, "state": state, "attrs": attrs}
+    qcfg = getattr(qmodel, "packptq_quant_cfg", None)
+    shape = getattr(qmodel, "packptq_example_shape", None) or (rec or {}).get("example_shape")
+    ck = {"format": FORMAT, "version": VERSION, "recipe": rec, "layers": layers, "state": state, "attrs": attrs,
+          "quant": asdict(qcfg) if qcfg is not None else (rec or {}).get("quant"),
+          "example_shape": None if shape is None else [int(v) for v in shape]}
+    ck["digest"] = digest(ck)
+    return ck
 
 
-def save_quantized(qmodel: nn.Module, rec: dict, path) -> Path:
+def digest(ck: dict) -> str:
+    """sha256 over the content of a checkpoint dict (every entry but ``digest``): keys, plain
+    values, and each tensor's dtype, shape and bytes."""
+    h = hashlib.sha256()
+
+    def feed(o) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(b"{")
+            for k in sorted(o, key=str):
+                if k == "digest" and o is ck:
+                    continue
+                h.update(repr(k).encode())
+                feed(o[k])
+            h.update(b"}")
+        elif isinstance(o, (list, tuple)):
+            h.update(b"[")
+            for v in o:
+                feed(v)
+            h.update(b"]")
+        else:
+            h.update(repr(o).encode())
+
+    feed(ck)
+    return h.hexdigest()
+
+
+def _nonfinite(named) -> Optional[str]:
+    """The first name whose floating-point tensor holds a NaN or an infinity, else None."""
+    return next((k for k, v in named if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+                 and not bool(torch.isfinite(v).all())), None)
+
+
+def _check_quantized(qmodel) -> None:
+    if not isinstance(qmodel, nn.Module):
+        raise ExportError(f"qmodel is a {type(qmodel).__name__}, not a quantized torch module (the first value "
+                          "packptq.quantize returns)")
+    if not any(isinstance(m, QuantLayer) for m in qmodel.modules()):
+        raise ExportError(f"{type(qmodel).__name__} has no quantized layer; export the module packptq.quantize "
+                          "returns, not the FP model")
+    bad = _nonfinite(qmodel.state_dict().items())
+    if bad is not None:
+        raise ExportError(f"the quantized model holds non-finite values in {bad}; it cannot be exported (quantize "
+                          "the model again)")
+
+
+def _atomic_write(path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` then rename onto ``path``; the temporary file is removed on every error.
+    A path that cannot be written is an ExportError; another OS error (a full disk) an OSError
+    naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(quantized_state(qmodel, rec), tmp)
-    tmp.replace(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory; give the file to write (e.g. {path / 'quantized.pt'})")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            why = exc.strerror or str(exc).splitlines()[0]
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT):
+                raise ExportError(f"cannot write {path}: {why}; choose a writable file path") from None
+            raise OSError(exc.errno, f"cannot write {path}: {why}") from None
+        if isinstance(exc, RuntimeError) and "PytorchStreamWriter" in str(exc):  # torch.save's OSError
+            raise OSError(errno.EIO, f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+        raise
     return path
+
+
+def save_quantized(qmodel: nn.Module, path, recipe: Optional[dict] = None) -> Path:
+    """Write the quantized module ``qmodel`` (from ``packptq.quantize`` or a run) to ``path``:
+    integer weight codes, scales and zero points, activation quantizer state, the other
+    parameters, and a sha256 digest of the content that ``load_quantized`` verifies. With a zoo
+    ``recipe`` (``packptq-export``) the file rebuilds its own architecture; without one,
+    ``load_quantized(path, model=...)`` rebuilds it onto a fresh instance of the caller's
+    class. Written atomically: a failed save leaves no file behind."""
+    _check_quantized(qmodel)
+    ck = quantized_state(qmodel, recipe)
+    if ck["quant"] is None or ck["example_shape"] is None:
+        raise ExportError(f"{type(qmodel).__name__} carries no quantization config; save the module "
+                          "packptq.quantize returns")
+    return _atomic_write(path, lambda p: torch.save(ck, p))
 
 
 def rebuild(rec: dict) -> nn.Module:
     """The quantized architecture of a recipe, with uninitialised quantizers and random weights."""
     mc = dict(rec["model"])
     model = build_model(ModelConfig(**mc), dict(rec["meta"]))
-    qcfg = QuantConfig(**rec["quant"])
-    qcfg = QuantConfig(**{**asdict(qcfg), "ln_reparam": False})  # folded into the stored weights
-    quantize_model(model, qcfg, torch.zeros(rec["example_shape"]))
+    return _quantize_fresh(model, rec["quant"], rec["example_shape"])
+
+
+def _quantize_fresh(model: nn.Module, quant: dict, example_shape) -> nn.Module:
+    qcfg = QuantConfig(**{**quant, "ln_reparam": False})  # the fold is in the stored weights
+    quantize_model(model, qcfg, torch.zeros(example_shape))
     return model
 
 
-def load_quantized(path, map_location="cpu") -> nn.Module:
-    """The quantized module saved by ``save_quantized`` (``packptq-export --format pt``), in eval
-    mode: its predictions equal those of the run's quantized model."""
-    ck = torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain data only
+def _read(path) -> dict:
+    """The checkpoint dict at ``path``, verified (format, digest, finite values); every fault is
+    one ExportError line."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path} not found (write one with packptq.save_quantized or packptq-export --format pt)")
+    if path.is_dir():
+        raise ExportError(f"{path} is a directory, not a packptq quantized file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
+    except Exception as exc:  # truncated, text, half-written: torch's message is advice for pickles
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
+        raise ExportError(f"{path} cannot be read as a packptq quantized file ({type(exc).__name__}: {first}); "
+                          "it is damaged or of another kind: export it again") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise ExportError(f"{path} is not a packptq quantized checkpoint (packptq-export --format pt)")
-    model = rebuild(ck["recipe"])
+        raise ExportError(f"{path} is not a packptq quantized file (packptq.save_quantized / packptq-export --format pt)")
+    if ck.get("version") not in (1, VERSION):
+        raise ExportError(f"{path} has format version {ck.get('version')}; this packptq reads 1..{VERSION}: "
+                          "upgrade packptq or export again")
+    if ck["version"] >= 2 and ck.get("digest") != digest(ck):
+        raise ExportError(f"{path} is damaged: its content does not match the digest written with it; "
+                          "export it again")
+    need = {"layers": dict, "state": dict, "attrs": dict}
+    bad = [k for k, t in need.items() if not isinstance(ck.get(k), t)]
+    if bad:
+        raise ExportError(f"{path} lacks {bad} of a packptq quantized file; export it again")
+    nonfinite = _nonfinite(ck["state"].items())
+    if nonfinite is not None:
+        raise ExportError(f"{path} holds non-finite values in {nonfinite}; export it again")
+    return ck
+
+
+def load_quantized(path, model: Optional[nn.Module] = None, map_location="cpu") -> nn.Module:
+    """The quantized module saved by ``save_quantized`` (or ``packptq-export --format pt``), in
+    eval mode; its logits equal those of the module that was saved.
+
+    ``model``: a fresh instance of the saved module's FP architecture (the class the caller
+    quantized; its weights do not matter, they are replaced), converted in place and returned.
+    Without it the file's zoo recipe rebuilds the architecture (files from ``packptq-export``);
+    a file from ``packptq.quantize`` on one's own class needs it. The file's digest and finite
+    values are checked first; every fault is one ``ExportError`` line."""
+    ck = _read(path)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ExportError(f"model is a {type(model).__name__}; pass a fresh instance of the architecture that "
+                              "was quantized (an nn.Module)")
+        if any(isinstance(m, QuantLayer) for m in model.modules()):
+            raise ExportError("model is already quantized; pass a fresh FP instance of the architecture")
+        quant = ck.get("quant") or (ck.get("recipe") or {}).get("quant")
+        shape = ck.get("example_shape") or (ck.get("recipe") or {}).get("example_shape")
+        try:
+            model = _quantize_fresh(model, quant, shape)
+        except Exception as exc:
+            raise ExportError(f"{type(model).__name__} does not take the saved model's input shape {shape} "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); pass an instance of "
+                              "the architecture that was quantized") from None
+    elif ck.get("recipe"):
+        model = rebuild(ck["recipe"])
+    else:
+        raise ExportError(f"{path} was saved from packptq.quantize on a model outside the zoo; load it with "
+                          "packptq.load_quantized(path, model=YourNet(...)), a fresh instance of that class")
     for name, a in ck["attrs"].items():
-        m = model.get_submodule(name)
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ExportError(f"{path} does not match {type(model).__name__}: it has no module {name}; pass an "
+                              "instance of the architecture that was quantized") from None
         for k, v in a.items():
             setattr(m, k, v)
     # every quantizer's tensors (scale shape [] or [C]) come from the state dict
-    missing, unexpected = model.load_state_dict(ck["state"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ck["state"], strict=False)
+    except RuntimeError as exc:  # shapes differ
+        first = " ".join(str(exc).split())[:200]
+        raise ExportError(f"{path} does not match {type(model).__name__} ({first}); pass an instance of the "
+                          "architecture that was quantized") from None
     weights = {f"{n}.layer.weight" for n in ck["layers"]}
     if unexpected or set(missing) - weights:
-        raise ExportError(f"{path} does not match the rebuilt architecture: missing "
+        raise ExportError(f"{path} does not match {type(model).__name__}: missing "
                           f"{sorted(set(missing) - weights)[:5]}, unexpected {sorted(unexpected)[:5]}")
     with torch.no_grad():
         for name, rec in ck["layers"].items():
             layer = model.get_submodule(name)
+            if list(layer.layer.weight.shape) != list(rec["shape"]):
+                raise ExportError(f"{path}: layer {name} has weight shape {rec['shape']}, the model's "
+                                  f"{list(layer.layer.weight.shape)}; pass an instance of the architecture that "
+                                  "was quantized")
             codes = unpack_codes(rec["codes"], rec["bits"], rec["shape"])
             layer.layer.weight.copy_(_dequant(codes, layer.wq))
             layer.wq.alpha, layer.wq.mode = None, "nearest"
-    return model.eval()
+    return model.to(map_location).eval()
 
 
 # ----------------------------------------------------------------------------- onnx format
@@ -235,21 +394,38 @@ def onnx_quantizers(model: nn.Module) -> Iterator[None]:
                 m._buffers.pop(b, None)
 
 
-def export_onnx(qmodel: nn.Module, example: torch.Tensor, path) -> Path:
-    """Write ``qmodel`` as ONNX with QDQ nodes (dynamic batch), checked by ``onnx.checker``."""
+def export_onnx(qmodel: nn.Module, path, example_input: torch.Tensor) -> Path:
+    """Write ``qmodel`` as an ONNX graph with QuantizeLinear/DequantizeLinear nodes (opset 17,
+    dynamic batch; input ``input``, output ``logits``), checked by ``onnx.checker``.
+    ``example_input``: one batch the model takes (e.g. ``x[:1]``), fixing the other input
+    dimensions. Written atomically: a failed export leaves no file behind."""
     try:
         import onnx
     except ImportError as exc:  # pragma: no cover - the export extra
         raise ExportError("the onnx format needs `pip install packptq[export]` (onnx, onnxruntime)") from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_quantized(qmodel)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1 or not len(example_input):
+        raise ExportError(f"example_input must be a non-empty batch tensor the model takes (e.g. x[:1]), got "
+                          f"{type(example_input).__name__}"
+                          f"{' of shape ' + str(list(example_input.shape)) if isinstance(example_input, torch.Tensor) else ''}")
     qmodel = qmodel.eval()
-    with onnx_quantizers(qmodel), torch.no_grad():
-        torch.onnx.export(qmodel, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    return path
+    example = example_input.to(next(qmodel.parameters()).device)
+
+    def write(tmp: Path) -> None:
+        with onnx_quantizers(qmodel), torch.no_grad():
+            try:
+                torch.onnx.export(qmodel, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                                  input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            except (OSError, ExportError):
+                raise
+            except Exception as exc:  # the exporter's own refusal (an operator, an input it cannot trace)
+                raise ExportError(f"torch.onnx.export cannot export {type(qmodel).__name__} on an input of shape "
+                                  f"{list(example.shape)}: {type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]}") from None
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+
+    return _atomic_write(path, write)
 
 
 def onnx_predict(path, x: torch.Tensor, batch_size: int = 256, optimization: str = "basic") -> torch.Tensor:
@@ -276,10 +452,9 @@ def onnx_predict(path, x: torch.Tensor, batch_size: int = 256, optimization: str
 def write(fmt: str, qmodel: nn.Module, rec: dict, path) -> Path:
     """Export ``qmodel`` in ``fmt`` (pt | onnx) to ``path``."""
     if fmt == "pt":
-        return save_quantized(qmodel, rec, path)
+        return save_quantized(qmodel, path, rec)
     if fmt == "onnx":
-        device = next(qmodel.parameters()).device
-        return export_onnx(qmodel, torch.zeros(rec["example_shape"], device=device), path)
+        return export_onnx(qmodel, path, torch.zeros(rec["example_shape"]))
     raise ExportError(f"export format '{fmt}'; use pt|onnx")
 
 
