@@ -479,3 +479,98 @@ def export_quantized(qmodel: nn.Module, rec: dict, fmt: str, path, x_check: torc
     agree = (out.argmax(1) == ref.argmax(1)).float().mean().item() * 100
     return {"format": fmt, "path": str(path), "bytes": path.stat().st_size, "agreement": agree,
             "max_abs_logit_diff": (out - ref).abs().max().item(), "n": len(x_check)}
+
+
+# ----------------------------------------------------------------------------- a finished run
+#: what a finished run's results.json must hold for packptq-export
+RESULT_KEYS = ("config", "fingerprint", "units", "unit_keys", "mp")
+
+
+def read_results(run_dir) -> dict:
+    """RUN_DIR/results.json, checked: present, JSON, a finished run's keys; one ExportError line
+    otherwise."""
+    import json
+
+    f = Path(run_dir) / "results.json"
+    if not Path(run_dir).is_dir():
+        raise ExportError(f"{run_dir} is not a directory (give a finished run directory, which has results.json)")
+    if not f.is_file():
+        raise ExportError(f"{f} not found (a finished run directory has results.json)")
+    try:
+        res = json.loads(f.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ExportError(f"{f} is not valid JSON{where}; rerun packptq on that run directory to rewrite it "
+                          "(finished units are read back, not refitted)") from None
+    missing = [k for k in RESULT_KEYS if not isinstance(res, dict) or k not in res]
+    if missing or not isinstance(res.get("config"), dict):
+        raise ExportError(f"{f} lacks {missing or ['config']} of a finished run; rerun packptq on that run "
+                          "directory to rewrite it")
+    return res
+
+
+def from_units(run_dir, res: dict, n_check: int = 512):
+    """The quantized model of a finished run rebuilt from its FP weights and its unit files
+    (``unit_XX.pt``), without calibration: ``(qmodel, recipe, x_check, fp_file)`` with
+    ``x_check`` up to ``n_check`` test inputs. None when the unit files do not hold the whole
+    quantized state (no reconstruction, mixed precision, ``quant.ln_reparam``, quantizers
+    outside every unit): the caller then rebuilds the run through its phases."""
+    from omegaconf import OmegaConf
+
+    from packptq import fp
+    from packptq.config import typed
+    from packptq.data import build_datamodule
+    from packptq.recon.sequence import _Chain, load_unit_state, unit_state
+    from packptq.runtime import trainer_kwargs
+
+    cfg = OmegaConf.create(res["config"])
+    qcfg = typed(QuantConfig, cfg.quant, "quant")
+    mcfg = typed(ModelConfig, cfg.model, "model")
+    keys, names = res["unit_keys"], res["units"]
+    if not keys or qcfg.ln_reparam or (res.get("mp") or {}).get("policy", "none") != "none":
+        return None
+    dm = build_datamodule(cfg.data)
+    trainer_kw = trainer_kwargs(cfg.get("trainer"))
+    model = fp.build(mcfg, dm)
+    dm.setup()
+    fp_file = fp.weights_file(mcfg, dm, cfg.cache_dir, trainer_kw)
+    if fp.trains(mcfg) and not fp_file.is_file():
+        raise ExportError(f"the FP weights this run started from are not in the cache ({fp_file}); run packptq "
+                          f"with the run's config to train them again (cache_dir={cfg.cache_dir})")
+    model = fp.obtain(model, dm, mcfg, cfg.cache_dir, trainer_kw).cpu()
+    xs, n = [], 0
+    for x, _ in dm.test_dataloader():
+        xs.append(x)
+        n += len(x)
+        if n >= n_check:
+            break
+    x_check = torch.cat(xs)[:n_check]
+    quantize_model(model, qcfg, x_check[:2])
+    needed = set(unit_state(model))
+    covered = set()
+    for i, (key, unit_names) in enumerate(zip(keys, names)):
+        f = Path(run_dir) / f"unit_{i:02d}.pt"
+        try:
+            saved = torch.load(f, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ExportError(f"{f} not found: the run directory lacks a finished unit; rerun packptq on it") from None
+        except Exception as exc:
+            raise ExportError(f"{f} is damaged ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}); "
+                              "delete it and rerun packptq on the run directory to refit that unit") from None
+        if not isinstance(saved, dict) or saved.get("key") != key or saved.get("names") != unit_names \
+                or saved.get("fingerprint") != res["fingerprint"] or not isinstance(saved.get("state"), dict):
+            raise ExportError(f"{f} is not unit {key} {unit_names} of this run; the run directory mixes two runs")
+        if key.startswith("pack_"):
+            parts = [model.get_submodule(b) for b in unit_names]
+            module, prefixes = _Chain(*parts), {str(j): b for j, b in enumerate(unit_names)}
+        else:
+            module, prefixes = model.get_submodule(unit_names[0]), None
+        load_unit_state(module, saved["state"])
+        for k in saved["state"]:
+            head, _, rest = k.partition(".")
+            covered.add(f"{prefixes[head]}.{rest}" if prefixes else f"{unit_names[0]}.{k}")
+    if needed - covered:
+        return None
+    model.eval()
+    rec = recipe(mcfg, dm.meta(), qcfg, x_check[:2].shape)
+    return model, rec, x_check, fp_file
