@@ -176,16 +176,26 @@ def _atomic_write(path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the file to write (e.g. {path / 'quantized.pt'})")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ExportError(f"cannot write {path}: {blocking} is a file, not a folder; choose another path")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # its folder cannot hold it either
+            pass
+        if isinstance(exc, RuntimeError) and "open file failed" in str(exc):  # torch.save's own open
+            why = str(exc).rpartition("strerror:")[2].strip() or "cannot open"
+            raise ExportError(f"cannot write {path}: {why}; choose a writable file path") from None
         if isinstance(exc, OSError):
             why = exc.strerror or str(exc).splitlines()[0]
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT):
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
+                             errno.EEXIST):
                 raise ExportError(f"cannot write {path}: {why}; choose a writable file path") from None
             raise OSError(exc.errno, f"cannot write {path}: {why}") from None
         if isinstance(exc, RuntimeError) and "PytorchStreamWriter" in str(exc):  # torch.save's OSError
@@ -234,6 +244,8 @@ def _read(path) -> dict:
         ck = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as exc:  # truncated, text, half-written: torch's message is advice for pickles
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "no detail"
+        if "weights_only" in str(exc):  # torch's advice to load it unsafely is not ours to give
+            first = "it holds objects other than tensors and plain data, or is no pickle at all"
         raise ExportError(f"{path} cannot be read as a packptq quantized file ({type(exc).__name__}: {first}); "
                           "it is damaged or of another kind: export it again") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:

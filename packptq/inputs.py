@@ -73,6 +73,9 @@ def _gather(calib_data: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
                         "model expects)")
     if isinstance(calib_data, torch.Tensor):
         return calib_data, None
+    if isinstance(calib_data, (str, bytes)) or hasattr(calib_data, "__fspath__"):
+        raise DataError(f"calib_data is a {type(calib_data).__name__} ({str(calib_data)[:60]!r}); load the images "
+                        f"first: it may be {_FORMS}")
     if isinstance(calib_data, (tuple, list)):
         if len(calib_data) != 2:
             raise DataError(f"calib_data is a {type(calib_data).__name__} of {len(calib_data)} items; a pair "
