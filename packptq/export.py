@@ -504,6 +504,8 @@ def read_results(run_dir) -> dict:
     import json
 
     f = Path(run_dir) / "results.json"
+    if not Path(run_dir).exists():
+        raise ExportError(f"run directory {run_dir} not found")
     if not Path(run_dir).is_dir():
         raise ExportError(f"{run_dir} is not a directory (give a finished run directory, which has results.json)")
     if not f.is_file():
