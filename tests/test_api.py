@@ -294,3 +294,21 @@ def test_unpickling_error_is_not_what_the_user_sees(quantized, tmp_path):
     with pytest.raises(export.ExportError) as exc:
         packptq.load_quantized(path, model=Net())
     assert "weights_only" not in one_line(exc, "cannot be read")
+
+
+@pytest.mark.slow
+def test_the_example_prints_what_the_readme_shows(capsys):
+    """examples/quantize_custom.py reproduces, line for line, the output README.md shows."""
+    import runpy
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("It prints (the test suite runs it and checks these lines):", 1)[1]
+    shown = block.split("```", 2)[1].strip().splitlines()
+    assert len(shown) == 5
+    runpy.run_path(str(root / "examples" / "quantize_custom.py"), run_name="__main__")
+    printed = capsys.readouterr().out.splitlines()
+    for line in shown:
+        assert line in printed, (line, [p for p in printed if not p.startswith(("[packptq]", "  "))])
