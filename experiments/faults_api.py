@@ -2,7 +2,8 @@
 ``load_quantized`` on damaged files, ``packptq-export`` on broken run directories. Prints one
 markdown row per fault with what happened: ``clear line`` (packptq's own error, one line; for
 the command line exit 2 or 1 and no traceback), ``traceback`` (another exception, or a
-command's traceback), ``silent`` (no error; what came out is described).
+command's traceback), ``silent`` (no error; what came out is described), ``works`` (an input form that should be
+accepted and is).
 
     PYTHONPATH=. PACKPTQ_THREADS=1 python experiments/faults_api.py [--out experiments/results/faults_api.md]
 
@@ -48,6 +49,8 @@ def outcome(fn) -> tuple:
         return ("clear line" if "\n" not in msg else "several lines"), msg.splitlines()[0][:150]
     except Exception as exc:  # noqa: BLE001
         return "traceback", f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+    if isinstance(r, str) and r.endswith("(accepted)"):
+        return "works", r[:-len(" (accepted)")]
     return "silent", r if isinstance(r, str) else "no error"
 
 

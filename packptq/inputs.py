@@ -26,7 +26,7 @@ class DataError(ConfigError):
 def check_model(model: Any) -> nn.Module:
     """``model`` itself when it is an ``nn.Module``; else a DataError."""
     if not isinstance(model, nn.Module):
-        raise DataError(f"model is a {type(model).__name__}, not a torch.nn.Module; pass the network itself "
+        raise DataError(f"model is of type {type(model).__name__}, not a torch.nn.Module; pass the network itself "
                         "(e.g. the nn.Module your training code builds)")
     if next(model.parameters(), None) is None:
         raise DataError(f"model {type(model).__name__} has no parameters; there is nothing to quantize")

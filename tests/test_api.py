@@ -305,7 +305,7 @@ def test_the_example_prints_what_the_readme_shows(capsys):
     pytest.importorskip("onnxruntime")
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    block = readme.split("It prints (the test suite runs it and checks these lines):", 1)[1]
+    block = readme.split("It prints (the test suite runs it and checks these lines", 1)[1]
     shown = block.split("```", 2)[1].strip().splitlines()
     assert len(shown) == 5
     runpy.run_path(str(root / "examples" / "quantize_custom.py"), run_name="__main__")
