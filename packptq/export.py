@@ -10,7 +10,9 @@ embeddings, position tables) and the recipe that rebuilds the architecture (mode
 the zoo builder, dataset meta, quantization config, example input shape) travel with them.
 ``load_quantized`` needs neither the run directory nor the FP weights.
 
-``onnx``: QuantizeLinear/DequantizeLinear (opset 17). Weights are uint8 initialisers of their
+``onnx``: QuantizeLinear/DequantizeLinear (opset 17), with the sha256 of the graph in the
+model's metadata (``packptq_sha256``, checked by ``check_onnx`` / ``onnx_predict``). Weights
+are uint8 initialisers of their
 integer codes followed by a per-axis DequantizeLinear; every activation quantizer becomes a
 QuantizeLinear -> DequantizeLinear pair in uint8, followed for b < 8 by a Clip to the
 dequantized ends of 0..2^b-1, which is the same as clamping the integers. The log-sqrt(2)
@@ -435,9 +437,35 @@ def export_onnx(qmodel: nn.Module, path, example_input: torch.Tensor) -> Path:
                 raise ExportError(f"torch.onnx.export cannot export {type(qmodel).__name__} on an input of shape "
                                   f"{list(example.shape)}: {type(exc).__name__}: "
                                   f"{' '.join(str(exc).split())[:200]}") from None
-        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        model = onnx.load(str(tmp))
+        onnx.checker.check_model(model, full_check=True)
+        model.metadata_props.add(key=ONNX_DIGEST_KEY, value=onnx_digest(model))
+        onnx.save(model, str(tmp))
 
     return _atomic_write(path, write)
+
+
+#: the ONNX file's metadata key holding the sha256 of its graph
+ONNX_DIGEST_KEY = "packptq_sha256"
+
+
+def onnx_digest(model) -> str:
+    """sha256 of an ONNX model's graph (nodes, initialisers, inputs, outputs) as serialised."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def check_onnx(path) -> None:
+    """An ONNX file written by ``export_onnx``: readable and its graph equal to the digest stored
+    with it; one ExportError line otherwise."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # a truncated or foreign file: protobuf's decode error
+        raise ExportError(f"{path} cannot be read as an ONNX model ({type(exc).__name__}); export it again") from None
+    stored = {p.key: p.value for p in model.metadata_props}.get(ONNX_DIGEST_KEY)
+    if stored is not None and stored != onnx_digest(model):
+        raise ExportError(f"{path} is damaged: its graph does not match the digest written with it; export it again")
 
 
 def onnx_predict(path, x: torch.Tensor, batch_size: int = 256, optimization: str = "basic") -> torch.Tensor:
@@ -451,6 +479,7 @@ def onnx_predict(path, x: torch.Tensor, batch_size: int = 256, optimization: str
     import numpy as np
     import onnxruntime as ort
 
+    check_onnx(path)
     levels = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
     opts = ort.SessionOptions()

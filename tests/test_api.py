@@ -172,6 +172,18 @@ def test_export_onnx_agrees_in_onnxruntime(quantized, tmp_path):
     assert (out.argmax(1) == ref.argmax(1)).all()
     assert (out - ref).abs().max() < 1e-3
     assert [p.name for p in tmp_path.iterdir()] == ["net.onnx"]
+    # the graph's digest travels in its metadata: 64 flipped bytes of weight codes are caught
+    import onnx
+
+    model = onnx.load(str(path))
+    codes = max((i for i in model.graph.initializer if i.data_type == onnx.TensorProto.UINT8),
+                key=lambda i: len(i.raw_data)).raw_data
+    raw = path.read_bytes()
+    at = raw.index(codes[:64])
+    path.write_bytes(raw[:at] + bytes(b ^ 0xFF for b in raw[at:at + 64]) + raw[at + 64:])
+    with pytest.raises(export.ExportError) as exc:
+        export.onnx_predict(path, x)
+    one_line(exc, "is damaged: its graph does not match the digest")
 
 
 def _saved(quantized, tmp_path):
