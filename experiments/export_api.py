@@ -53,18 +53,21 @@ def fp_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def measure(name: str, fp_model: nn.Module, qmodel: nn.Module, fresh: nn.Module, x: torch.Tensor, tmp: Path,
-            fp_file_bytes: int) -> dict:
+def measure(name: str, fp_model: nn.Module, qmodel: nn.Module, fresh, x: torch.Tensor, tmp: Path,
+            fp_file_bytes: int, recipe=None) -> dict:
+    """``fresh``: a new instance of the FP class for ``load_quantized(model=)``, or None to
+    rebuild from the zoo ``recipe`` saved in the file."""
     import packptq
     from packptq import export
 
-    pt = packptq.save_quantized(qmodel, tmp / f"{name}.pt")
+    slug = name.split()[0]
+    pt = packptq.save_quantized(qmodel, tmp / f"{slug}.pt", recipe)
     loaded = packptq.load_quantized(pt, model=fresh) if fresh is not None else packptq.load_quantized(pt)
     with torch.no_grad():
         ref, fp_logits = qmodel(x), fp_model(x)
         diff = (loaded(x) - ref).abs().max().item()
-    qdq = packptq.export_onnx(qmodel, tmp / f"{name}.onnx", x[:1])
-    fpo = fp_onnx(fp_model, x[:1], tmp / f"{name}_fp.onnx")
+    qdq = packptq.export_onnx(qmodel, tmp / f"{slug}.onnx", x[:1])
+    fpo = fp_onnx(fp_model, x[:1], tmp / f"{slug}_fp.onnx")
     row = {"model": name, "n": len(x), "load_max_abs_diff": diff}
     for level in ("basic", "all"):
         out = export.onnx_predict(qdq, x, optimization=level)
@@ -133,7 +136,7 @@ def resnet_case(run_dir: Path, tmp: Path) -> dict:
     dm = build_datamodule(cfg.data)
     fp_model = fp.obtain(fp.build(mcfg, dm), dm, mcfg, cfg.cache_dir, {}).eval()
     return measure(f"{res['model']} on {res['data']}, W{res['quant']['w_bits']}A{res['quant']['a_bits']}", fp_model,
-                   qmodel, None, x, tmp, fp_file.stat().st_size)
+                   qmodel, None, x, tmp, fp_file.stat().st_size, rec)
 
 
 def table(rows) -> str:

@@ -218,7 +218,11 @@ def save_quantized(qmodel: nn.Module, path, recipe: Optional[dict] = None) -> Pa
     if ck["quant"] is None or ck["example_shape"] is None:
         raise ExportError(f"{type(qmodel).__name__} carries no quantization config; save the module "
                           "packptq.quantize returns")
-    return _atomic_write(path, lambda p: torch.save(ck, p))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: torch names the records "archive/...", not after the temp file
+            torch.save(ck, f)
+
+    return _atomic_write(path, write)
 
 
 def rebuild(rec: dict) -> nn.Module:
