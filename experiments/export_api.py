@@ -26,9 +26,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ort_ms_per_image(path, x: torch.Tensor, batch: int, level: str, repeats: int = 5) -> float:
+def ort_ms_per_image(path, x: torch.Tensor, batch: int, level: str, repeats: int = 3) -> float:
     """Median over ``repeats`` passes of onnxruntime (CPU, one thread) over ``x`` in batches of
-    ``batch``, in ms per image."""
+    ``batch``, in CPU milliseconds per image (the process's CPU time, which other processes on a
+    shared machine do not inflate as they do wall time)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -40,10 +41,10 @@ def ort_ms_per_image(path, x: torch.Tensor, batch: int, level: str, repeats: int
     sess.run(None, {"input": chunks[0]})  # warm-up
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         for c in chunks:
             sess.run(None, {"input": c})
-        times.append((time.perf_counter() - t) / len(x) * 1e3)
+        times.append((time.process_time() - t) / len(x) * 1e3)
     return sorted(times)[len(times) // 2]
 
 
@@ -94,25 +95,33 @@ def custom_case(tmp: Path) -> dict:
                    fp_bytes)
 
 
+def _child_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def export_timing(run_dir: Path) -> dict:
-    """Wall seconds of ``packptq-export RUN_DIR --format pt`` reading the unit files, and of the
-    rebuild through the run's phases it did before (``pipeline.quantized`` + ``export_run``)."""
+    """Wall and CPU seconds of ``packptq-export RUN_DIR --format pt`` reading the unit files,
+    and of the rebuild through the run's phases it did before (``pipeline.quantized`` +
+    ``export_run``)."""
     env = {**os.environ, "PACKPTQ_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = {}
     cmd = [sys.executable, "-c", "from packptq.cli import export_main; export_main()", str(run_dir), "--format", "pt",
            "--out", str(run_dir / "units.pt")]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _child_cpu()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    out["units_s"] = time.perf_counter() - t
+    out["units_s"], out["units_cpu_s"] = time.perf_counter() - t, _child_cpu() - c
     out["units_report"] = json.loads(r.stdout.strip().splitlines()[-1])
     out["units_stderr_lines"] = len(r.stderr.strip().splitlines())
     phases = ("from omegaconf import OmegaConf; import json, sys; from packptq import pipeline; "
               "cfg = OmegaConf.create(json.load(open(sys.argv[1] + '/results.json'))['config']); "
               "cfg.progress = False; cfg.export = None; "
               "print(json.dumps(pipeline.export_run(pipeline.quantized(cfg), 'pt', sys.argv[1] + '/phases.pt')))")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _child_cpu()
     r = subprocess.run([sys.executable, "-c", phases, str(run_dir)], capture_output=True, text=True, env=env)
-    out["phases_s"] = time.perf_counter() - t
+    out["phases_s"], out["phases_cpu_s"] = time.perf_counter() - t, _child_cpu() - c
     out["phases_stdout_lines"] = len(r.stdout.strip().splitlines())
     import packptq
 
@@ -148,7 +157,8 @@ def table(rows) -> str:
                      f"{r['ort_basic_max_diff']:.2e} | {r['ort_all_agree']:.2f}% / {r['ort_all_max_diff']:.2e} | "
                      f"{r['fp_bytes'] / 1024:.1f} KiB | {r['pt_bytes'] / 1024:.1f} KiB | {r['onnx_bytes'] / 1024:.1f} KiB "
                      f"| {r['fp_onnx_bytes'] / 1024:.1f} KiB |")
-    lines += ["", "onnxruntime CPU, one thread, ms per image (median of 5 passes over the n inputs):", "",
+    lines += ["", "onnxruntime CPU, one thread, CPU ms per image (median of 3 passes over the n inputs; the graph "
+              "optimisation level in brackets):", "",
               "| model | batch | QDQ (basic) | FP (basic) | QDQ (all) | FP (all) | QDQ / FP (all) |", "|" + "---|" * 7]
     for r in rows:
         for b in (1, 64):
@@ -177,11 +187,13 @@ def main() -> None:
         timing = export_timing(run_dir)
     text = table(rows)
     if timing:
-        text += (f"\n\n`packptq-export {args.run} --format pt` (resnet18 run): {timing['units_s']:.1f} s reading "
+        text += (f"\n\n`packptq-export RUN_DIR --format pt` on the resnet18 run: {timing['units_cpu_s']:.1f} CPU s "
+                 f"({timing['units_s']:.1f} s wall) reading "
                  f"{len(json.loads((Path(args.run) / 'results.json').read_text())['unit_keys'])} unit files "
-                 f"({timing['units_stderr_lines']} line(s) on stderr), against {timing['phases_s']:.1f} s through "
-                 f"the run's phases with calibration ({timing['phases_stdout_lines']} lines printed); both files hold "
-                 f"the same state: {timing['same_state']}.")
+                 f"({timing['units_stderr_lines']} line(s) on stderr), against {timing['phases_cpu_s']:.1f} CPU s "
+                 f"({timing['phases_s']:.1f} s wall) through the run's phases with calibration "
+                 f"({timing['phases_stdout_lines']} lines printed); both files hold the same state: "
+                 f"{timing['same_state']}.")
     print(text)
     print(json.dumps({"rows": rows, "timing": timing}, default=str))
     if args.out:
