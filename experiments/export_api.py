@@ -148,6 +148,21 @@ def resnet_case(run_dir: Path, tmp: Path) -> dict:
                    qmodel, None, x, tmp, fp_file.stat().st_size, rec)
 
 
+HEADER = """# The API's exports: save/load, ONNX in onnxruntime, sizes, CPU time
+
+Command: `PYTHONPATH=. PACKPTQ_THREADS=1 python experiments/export_api.py --run RUN_DIR --out experiments/results/export_api.md`
+(RUN_DIR: `packptq model=resnet18 data=mnist5k quant=w4a4 recon.iters=200 run_dir=RUN_DIR`, made by
+the script when absent). Rows: the custom CNN of `examples/quantize_custom.py` (quantized through
+`packptq.quantize`, reloaded with `load_quantized(path, model=Net())`), and the resnet18 run's
+quantized model as `packptq-export` rebuilds it from its unit files (reloaded from its zoo recipe).
+n: test inputs compared. ORT: onnxruntime on CPU at graph optimisation level basic (the QDQ graph
+as written) and all (fused kernels). Sizes: the FP weights (float32 state dict or the training
+cache entry), the pt file, the QDQ ONNX file (weight codes one per byte), the FP ONNX file.
+Times are CPU time of one thread (the machine is shared; wall time is not reported for ORT).
+
+"""
+
+
 def table(rows) -> str:
     head = ("| model | n | load_quantized max abs logit diff | ORT basic agree / max diff | ORT all agree / max diff "
             "| FP weights | pt | QDQ ONNX | FP ONNX |")
@@ -185,7 +200,7 @@ def main() -> None:
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows.append(resnet_case(run_dir, tmp))
         timing = export_timing(run_dir)
-    text = table(rows)
+    text = HEADER + table(rows)
     if timing:
         text += (f"\n\n`packptq-export RUN_DIR --format pt` on the resnet18 run: {timing['units_cpu_s']:.1f} CPU s "
                  f"({timing['units_s']:.1f} s wall) reading "
