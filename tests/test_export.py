@@ -1,20 +1,19 @@
 """Exports: integer code packing, the pt checkpoint (``load_quantized`` reproduces the run's
 quantized model exactly, without the run directory or the FP cache), ONNX with QDQ checked by
 onnx.checker and run by onnxruntime, the refusal of the log-sqrt(2) quantizer, the
-``packptq-export`` command, and ``packptq.quantize`` on a model outside the zoo."""
+``packptq-export`` command (reads the unit files, refuses broken run directories with one line
+and exit 2), and ``packptq.quantize`` on a model outside the zoo."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, tiny_cfg
+from conftest import tiny_cfg
 
 from packptq import export
 
