@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from packptq import fp, mp
 from packptq.artifacts import RunDir
-from packptq.config import typed
+from packptq.config import CONF_DIR, typed
 from packptq.evaluate import predict
 from packptq.export import load_quantized  # noqa: F401  (re-exported)
 from packptq.inputs import calib_inputs
@@ -25,7 +24,6 @@ from packptq.recon import ReconConfig
 from packptq.runtime import Timer, device_of, quiet_lightning, trainer_kwargs
 from packptq.zoo.build import ModelConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

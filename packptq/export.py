@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 from packptq.quant import QuantConfig, quantize_model
 from packptq.quant.modules import QuantLayer
 from packptq.quant.quantizer import ActQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
@@ -173,7 +173,7 @@ def _check_quantized(qmodel) -> None:
 
 def _atomic_write(path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` then rename onto ``path``; the temporary file is removed on every error.
-    A path that cannot be written is an ExportError; another OS error (a full disk) an OSError
+    A path that cannot be written is an ExportError; another OS error (a full disk) a RunFailure
     naming the path."""
     path = Path(path)
     if path.is_dir():
@@ -199,9 +199,9 @@ def _atomic_write(path, write: Callable[[Path], None]) -> Path:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT,
                              errno.EEXIST):
                 raise ExportError(f"cannot write {path}: {why}; choose a writable file path") from None
-            raise OSError(exc.errno, f"cannot write {path}: {why}") from None
+            raise RunFailure(f"cannot write {path}: {why} (errno {exc.errno}); nothing was left there") from None
         if isinstance(exc, RuntimeError) and "PytorchStreamWriter" in str(exc):  # torch.save's OSError
-            raise OSError(errno.EIO, f"cannot write {path}: {str(exc).splitlines()[0]}") from None
+            raise RunFailure(f"cannot write {path}: {str(exc).splitlines()[0]}; nothing was left there") from None
         raise
     return path
 

@@ -17,13 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from packptq import export, fp, mp
-from packptq.artifacts import RunDir, flatten, hash_obj
+from packptq.artifacts import RunDir, code_version, flatten, hash_obj
 from packptq.calibration import calibrate_twins
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
 from packptq.evaluate import evaluate, predict, print_table, top1
 from packptq.packing import PackingConfig, make_packs
 from packptq.quant import QuantConfig
+from packptq.quant.quantizer import RANGE_NORM
 from packptq.recon import ReconConfig, ReconSequence, plan_units
 from packptq.recon.sequence import check_cache_budget
 from packptq.runtime import (Timer, autocast, check_seed, device_of, log_metrics, log_table, quiet_lightning,
@@ -80,6 +81,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
     if cfg.get("export") not in (None, *export.FORMATS):
         raise ConfigError(f"export={cfg.export}; use {'|'.join(export.FORMATS)} or null")
+    code = code_version()  # the code as loaded now, before a checkout can move under the run
     qz = quantized(cfg, logger)
     twins, dm, device, qcfg, pcfg, mcfg, info = qz.twins, qz.dm, qz.device, qz.qcfg, qz.pcfg, qz.mcfg, qz.info
     with qz.timer.phase("eval"), autocast(qz.trainer_kw, device):
@@ -89,7 +91,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     results = {
         "model": mcfg.name, "data": dm.cfg.name, "seed": int(cfg.seed),
         "quant": {k: getattr(qcfg, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
-                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")},
+                                                 "a_range", "attn_prob", "quant_attn", "ln_reparam")}
+                 | {"range_norm": RANGE_NORM},
         "packing": {"policy": pcfg.policy, "loss": pcfg.loss},
         "mp": qz.mp_plan.describe() if qz.mp_plan is not None else {"policy": "none"},
         "fp_top1": qz.fp_top1, "rtn_top1": rtn["top1"], "quant_top1": final["top1"], "agreement": final["agreement"],
@@ -104,6 +107,7 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
         "time_s": _add(qz.prior_times or {}, qz.timer.times), "fingerprint": qz.rd.run_fp,
         "calib_fingerprint": dm.fingerprint(), "calib_size": len(qz.x_cal),
         "overrides": list(overrides or []), "config": qz.cfg_dict, "run_dir": str(qz.rd.path),
+        "packptq": code,
     }
     if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
         results["export"] = export_run(qz, str(cfg.export))
@@ -165,7 +169,7 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
     prior: dict = {}  # this run directory's phase times in earlier processes
 
     def persist_times(mine: dict) -> None:
-        if rd.run_fp is not None:
+        if rd.run_fp is not None and rd.written - {"times.json"}:  # a resume refused before any new work writes nothing
             rd.write_json("times.json", {"prior": prior, "time_s": _add(prior, mine)})
 
     timer = Timer(persist_times)

@@ -84,12 +84,25 @@ class BaseDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.train_set, self.test_set = self._load()
+            self._check_classes()
             if self.cfg.calib_size + self.cfg.val_size > len(self.train_set):
                 raise ConfigError(
                     f"data.calib_size={self.cfg.calib_size}" + (f" + data.val_size={self.cfg.val_size}"
                                                                 if self.cfg.val_size else "")
                     + f" is larger than the training split ({len(self.train_set)} samples); lower it"
                 )
+
+    def _check_classes(self) -> None:
+        """A classifier needs two classes: data whose class count (``meta()``) or whose training
+        labels (in-memory datasets) show one is a ConfigError before any training."""
+        n = getattr(self, "num_classes", None)
+        tensors = getattr(self.train_set, "tensors", ())
+        labels = tensors[1] if len(tensors) > 1 else None
+        distinct = labels.unique().tolist() if labels is not None and len(labels) else None
+        if (n is not None and n < 2) or (distinct is not None and len(distinct) < 2):
+            only = f"every training label is {distinct[0]}" if distinct else f"{n} class"
+            raise ConfigError(f"data {self.cfg.name}: {only}; a classifier needs at least two classes "
+                              "(check the labels of the data)")
 
     def val_indices(self) -> torch.Tensor:
         """Training-split indices of the validation split (``data.val_size`` of them, drawn with

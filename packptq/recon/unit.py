@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 from packptq.runtime import TRAINER_DEFAULTS, release_freed_memory, reuse_freed_memory, step_bar
 from packptq.quant.convert import freeze
 from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
@@ -342,7 +342,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     release_freed_memory()
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        raise ConfigError(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
+        raise RunFailure(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
                           f"{len(losses)}; the finished units are kept in the run directory. Lower recon.w_lr "
                           f"/ recon.a_lr or check the calibration data")
     return losses
