@@ -502,28 +502,53 @@ def report_main(argv=None) -> None:
 
 def export_main(argv=None) -> None:
     """``packptq-export RUN_DIR --format pt|onnx [--out PATH]``: the finished run's quantized
-    model (rebuilt from its config, FP weights and ``unit_XX.pt``) as a deployable file."""
+    model (rebuilt from its FP weights and finished units ``unit_XX.pt``, without calibrating)
+    as a deployable file. Bad input exits 2, a failure 1, with one line; no file is left
+    half-written."""
     import argparse
     import json
 
     ap = argparse.ArgumentParser(prog="packptq-export", description=export_main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("run_dir")
-    ap.add_argument("--format", choices=("pt", "onnx"), default="pt")
+    ap.add_argument("--format", choices=("pt", "onnx"), default="pt")  # export.FORMATS (torch not imported for --help)
     ap.add_argument("--out", default=None, help="output file (default RUN_DIR/quantized.FORMAT)")
     args = ap.parse_args(argv)
-    from omegaconf import OmegaConf
-
-    from packptq import pipeline
-
-    res_file = Path(args.run_dir) / "results.json"
-    if not res_file.is_file():
-        print(f"packptq-export: error: {res_file} not found (a finished run directory has results.json)", file=sys.stderr)
-        sys.exit(2)
-    cfg = OmegaConf.create(json.loads(res_file.read_text())["config"])
-    cfg.run_dir, cfg.progress, cfg.export = str(args.run_dir), False, None
     try:
-        res = pipeline.export_run(pipeline.quantized(cfg), args.format, args.out)
-    except ConfigError as exc:
-        print(f"packptq-export: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        from packptq.runtime import set_threads
+
+        set_threads(os.environ.get("PACKPTQ_THREADS"))  # as config.yaml's threads reads it
+        res = _export(args.run_dir, args.format, args.out)
+    except Exception as exc:  # noqa: BLE001  (every failure reaches the user as one line)
+        if full_errors():
+            raise
+        print(f"packptq-export: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    print(f"[packptq] export {res['format']}: {res['path']} ({res['bytes']} bytes; FP weights {res['fp_bytes']} "
+          f"bytes); top-1 agreement with the quantized model {res['agreement']:.2f}% on {res['n']} test inputs "
+          f"({res['source']})", file=sys.stderr)
     print(json.dumps(res))
+
+
+def _export(run_dir: str, fmt: str, out: Optional[str]) -> dict:
+    """``packptq-export``'s work: the run's quantized model from its unit files (or, where
+    they do not hold the whole quantized state, through the run's phases), written and checked."""
+    from packptq import export
+
+    res = export.read_results(run_dir)
+    out = out or export.default_path(run_dir, fmt)
+    if Path(out).is_dir():
+        raise export.ExportError(f"--out {out} is a directory; give the file to write (e.g. {Path(out) / f'quantized.{fmt}'})")
+    built = export.from_units(run_dir, res)
+    if built is None:  # no reconstruction, mixed precision, ln_reparam: the phases rebuild it
+        from omegaconf import OmegaConf
+
+        from packptq import pipeline
+
+        cfg = OmegaConf.create(res["config"])
+        cfg.run_dir, cfg.progress, cfg.export = str(run_dir), False, None
+        info = pipeline.export_run(pipeline.quantized(cfg), fmt, out)
+        return {**info, "source": "rebuilt through the run's phases (calibration included)"}
+    qmodel, rec, x_check, fp_file = built
+    info = export.export_quantized(qmodel, rec, fmt, out, x_check)
+    info["fp_bytes"] = fp_file.stat().st_size if fp_file is not None and fp_file.is_file() else None
+    return {**info, "source": f"read from {len(res['unit_keys'])} unit files"}

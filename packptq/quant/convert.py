@@ -218,6 +218,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
             m.set_bits(cfg.first_last_bits, cfg.first_last_bits)
     model.packptq_first_last = (order[0], order[-1])
     model.packptq_quant_cfg = cfg  # calibrate reads ln_reparam from it
+    model.packptq_example_shape = list(example.shape)  # export rebuilds the conversion with it
     return model
 
 
