@@ -1,20 +1,25 @@
 """packptq: Pack-PTQ and its baselines for post-training quantization of vision models.
 
 Python verbs: ``packptq.quantize(model, calib_data, ...)`` (the phases of a run on one's own
-module) and ``packptq.load_quantized(path)`` (a ``packptq-export --format pt`` file)."""
+module), ``packptq.save_quantized(qmodel, path)`` / ``packptq.load_quantized(path, model=...)``
+(the quantized module as integer codes, scales and quantizer state) and
+``packptq.export_onnx(qmodel, path, example_input)`` (a QDQ graph). Their input faults are
+``packptq.DataError`` / ``packptq.ExportError`` (both ``packptq.ConfigError``)."""
 
 __version__ = "0.1.0"
 
-__all__ = ["quantize", "load_quantized"]
+__all__ = ["quantize", "save_quantized", "load_quantized", "export_onnx", "ConfigError", "DataError",
+           "ExportError"]
+
+#: public name -> module that defines it (imported on first use: the verbs pull in torch)
+_LAZY = {"quantize": "packptq.api", "save_quantized": "packptq.export", "load_quantized": "packptq.export",
+         "export_onnx": "packptq.export", "ExportError": "packptq.export", "DataError": "packptq.inputs",
+         "ConfigError": "packptq.config"}
 
 
-def __getattr__(name):  # the verbs import torch and the phases only when used
-    if name == "quantize":
-        from packptq.api import quantize
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
 
-        return quantize
-    if name == "load_quantized":
-        from packptq.export import load_quantized
-
-        return load_quantized
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'packptq' has no attribute {name!r}")

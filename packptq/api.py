@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -14,9 +13,10 @@ from torch import nn
 
 from packptq import fp, mp
 from packptq.artifacts import RunDir
-from packptq.config import typed
+from packptq.config import CONF_DIR, typed
 from packptq.evaluate import predict
 from packptq.export import load_quantized  # noqa: F401  (re-exported)
+from packptq.inputs import calib_inputs
 from packptq.packing import PackingConfig
 from packptq.pipeline import quantize_phases
 from packptq.quant import QuantConfig
@@ -24,7 +24,6 @@ from packptq.recon import ReconConfig
 from packptq.runtime import Timer, device_of, quiet_lightning, trainer_kwargs
 from packptq.zoo.build import ModelConfig
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -42,21 +41,23 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def quantize(model: nn.Module, calib_data: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+def quantize(model: nn.Module, calib_data,
              overrides: Sequence[str] = (), cfg: Optional[DictConfig] = None, family: str = "auto",
              run_dir: Optional[str] = None, seed: int = 0, batch_size: int = 64,
              progress: bool = False) -> Tuple[nn.Module, dict]:
     """Quantize ``model`` (left unchanged) with the phases of the command line and return
     ``(quantized_module, report)``.
 
-    ``calib_data``: inputs ``x`` [n, ...] or ``(x, y)``; without labels the model's own
-    predictions stand in (they only enter the Hessian scores). Settings: ``cfg`` (a composed
+    ``calib_data``: inputs ``x`` [n, ...], ``(x, y)``, a ``Dataset`` or a ``DataLoader`` (items
+    or batches ``x`` or ``(x, y)``), checked first (``packptq.inputs``: one-line ``DataError``s);
+    without labels the model's own predictions stand in (they only enter the Hessian scores). Settings: ``cfg`` (a composed
     config with the sections quant, packing, mp, recon, trainer) or Hydra-style ``overrides``
     of conf/config.yaml. Blocks are found by the split rule ``family`` ("auto": the named family
     rules, then the dataflow-graph rule, then the module-tree one; docs/splitting.md). Artefacts (units, packs, scores) go to ``run_dir`` (default:
     a temporary directory). The report holds the packs (block names), weight bits per pack,
     the bit accounting, the reconstruction losses, agreement of the quantized and FP top-1 on
     the calibration inputs, and the seconds per phase."""
+    x, y = calib_inputs(model, calib_data)  # every input fault is one line, before any work
     quiet_lightning()
     cfg = compose(overrides) if cfg is None else cfg
     qcfg = typed(QuantConfig, cfg.quant, "quant")
@@ -65,7 +66,6 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, Tuple[torch.Tenso
     mp_plan = mp.plan(cfg.mp, qcfg)
     trainer_kw = trainer_kwargs(cfg.get("trainer"))
     device = device_of(trainer_kw)
-    x, y = calib_data if isinstance(calib_data, (tuple, list)) else (calib_data, None)
     model = copy.deepcopy(model).eval().to(device)
     fp_preds = predict_tensor(model, x, batch_size)
     y = fp_preds if y is None else y

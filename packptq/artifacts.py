@@ -2,17 +2,20 @@
 resumed run with a different config or calibration set."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 
 
 #: the key under which every JSON artifact (a dict) records the run that produced it
@@ -27,6 +30,7 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.run_fp: Optional[str] = None
+        self.written: set = set()  # artifacts this process wrote (a resume that only reads writes no times)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f".probe.{os.getpid()}"
@@ -45,6 +49,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         if self.run_fp is not None and isinstance(obj, dict):
             obj = {**obj, FP_KEY: self.run_fp}
+        self.written.add(name)
         return _atomic(self.path / name, lambda p: p.write_text(json.dumps(obj, indent=2, default=_jsonable)))
 
     def read_raw(self, name: str) -> Any:
@@ -88,7 +93,8 @@ class RunDir:
         return obj
 
     def save_pt(self, name: str, obj: Any) -> Path:
-        return _atomic(self.path / name, lambda p: torch.save(obj, p))
+        self.written.add(name)
+        return save_pt(self.path / name, obj)
 
     def load_pt(self, name: str) -> Any:
         try:
@@ -129,6 +135,55 @@ class RunDir:
         return resumed
 
 
+#: run directories this process holds the writer's lock of: resolved path -> [open lock file, depth]
+_HELD: dict = {}
+LOCK_FILE = ".packptq.lock"
+
+
+@contextmanager
+def writer_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold the writer's lock of ``run_dir`` (an exclusive ``flock`` on ``.packptq.lock`` there)
+    while the block runs; re-entrant within a process. A directory another process holds is
+    refused at once with a ConfigError naming that process (docs/decisions.md: refuse, not
+    wait). The kernel drops the lock when its holder exits, even by ``kill -9``."""
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        Path(key).mkdir(parents=True, exist_ok=True)
+        f = open(os.path.join(key, LOCK_FILE), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(f.fileno())
+            f.close()
+            raise ConfigError(f"run directory {key} is in use by another packptq process{holder}; wait for it "
+                              "to finish (then run this command again to resume), or give another hydra.run.dir=...")
+        _HELD[key] = [f, 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            f = _HELD.pop(key)[0]
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid N)`` of the process holding an flock on the open file ``fd`` (Linux's
+    /proc/locks), else ""."""
+    ino = os.fstat(fd).st_ino
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(ino):
+                return f" (pid {parts[4]})"
+    except OSError:
+        pass
+    return ""
+
+
 def _changes(old: dict, now: dict) -> str:
     """What differs between two fingerprint records, for a refusal: the config keys that changed
     (with old and new values), else "config" or "calibration set"."""
@@ -154,10 +209,32 @@ def flatten(obj: Any, prefix: str = "") -> dict:
 
 
 def _atomic(path: Path, write) -> Path:
+    """``write(tmp)`` then rename it to ``path``: a reader sees the old file or the new one. The
+    temporary file is removed on every error path; a write that fails (a full disk) is a
+    RunFailure naming ``path``, the file there before is kept."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        err = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+        if isinstance(err, OSError) and not isinstance(exc, KeyboardInterrupt):
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise RunFailure(f"cannot write {path} ({err.strerror or err}); "
+                             + ("free space on that disk, then " if full else "")
+                             + "run the same command again: the finished phases and units are kept") from None
+        raise
     return path
+
+
+def save_pt(path: Path, obj: Any) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see ``_atomic``)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # through a Python file: a full disk raises OSError, not torch's bare message
+            torch.save(obj, f)
+
+    return _atomic(Path(path), write)
 
 
 def _jsonable(o: Any) -> Any:

@@ -26,7 +26,8 @@ def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: tor
     quantize_model(qmodel, qcfg, example)
     qsplit, fsplit = split_model(qmodel, family), split_model(fp, family)
     torch.manual_seed(seed)
-    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range, progress=progress)
+    calibrate(qmodel, x_cal, batch_size=batch_size, method=qcfg.a_range, progress=progress, init=qcfg.act_init,
+              init_batch=qcfg.act_init_batch)
     # the LayerNorm fold of quant.ln_reparam changes the coordinates of the folded Linears'
     # inputs (block outputs are unchanged): the FP reference takes the same fold, so a layer
     # unit mixes (QDrop) and compares inputs in one coordinate system

@@ -1,25 +1,25 @@
-"""Entry points: ``packptq`` (the Hydra app) and ``packptq-report``. Thin wrappers: the work
-is ``pipeline.run(cfg)``, which returns the results dict."""
+"""Entry points: ``packptq`` (the Hydra app), ``packptq-report`` and ``packptq-export``. Thin
+wrappers: the work is ``pipeline.run(cfg)``, which returns the results dict. Torch, Lightning
+and Hydra are imported only by the commands that need them (``--help`` stays fast)."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import shlex
+import shutil
+import signal
 import sys
 import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import hydra
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from packptq.config import CONF_DIR, ConfigError, RunFailure  # noqa: F401  (CONF_DIR: one home, re-exported)
 
-import packptq.schemas  # noqa: F401  (the typed bases of conf/<group>/ choice files)
-from packptq.config import ConfigError
-
-#: the config tree, shipped inside the package (packptq/conf)
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def wandb_run_id(run_dir: str) -> str:
@@ -54,6 +54,9 @@ def make_logger(cfg: DictConfig, overrides, sweep_dir: Optional[str]):
     named from its overrides, grouped by its sweep (``PACKPTQ_SWEEP_GROUP``, set by ``main``
     from the multirun command line; else the sweep directory's name), keeps the id of its run
     directory (``resume="allow"``) and is started here, before any phase."""
+    import hydra
+    from omegaconf import OmegaConf
+
     if cfg.get("logger") is None:
         return None
     lcfg = OmegaConf.to_container(cfg.logger, resolve=True)
@@ -80,8 +83,12 @@ class _Tee:
         self._stream, self._copy = stream, copy
 
     def write(self, text: str) -> int:
-        self._copy.write(text)
-        self._copy.flush()
+        if self._copy is not None:
+            try:
+                self._copy.write(text)
+                self._copy.flush()
+            except (OSError, ValueError):  # a full disk (or a closed log) stops the copy, not the run
+                self._copy = None
         return self._stream.write(text)
 
     def flush(self) -> None:
@@ -102,14 +109,21 @@ def console_copy(run_dir: str):
         try:
             yield
         except BaseException:
-            traceback.print_exc(file=f)
+            try:
+                traceback.print_exc(file=f)
+            except (OSError, ValueError):
+                pass
             raise
         finally:
             sys.stdout, sys.stderr = out, err
 
 
 def run_with_logging(cfg: DictConfig, overrides=(), sweep_dir: Optional[str] = None) -> dict:
-    with console_copy(str(cfg.run_dir)):
+    """``pipeline.run`` under the run directory's writer lock (a second process on it is
+    refused), with the console copied to ``packptq.log`` and the configured logger."""
+    from packptq.artifacts import writer_lock
+
+    with writer_lock(str(cfg.run_dir)), console_copy(str(cfg.run_dir)):
         return _run_with_logging(cfg, overrides, sweep_dir)
 
 
@@ -164,11 +178,13 @@ def full_errors() -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """``exc`` as the single line a user reads: a ConfigError's message, else its type and the
-    first line of its message."""
-    msg = " ".join(str(exc).split()) if isinstance(exc, ConfigError) else \
-        f"{type(exc).__name__}: {(str(exc).strip().splitlines() or ['(no message)'])[0]}"
-    return msg
+    """``exc`` as the single line a user reads: the message of packptq's own errors, an
+    OSError's reason and file, else its type and the first line of its message."""
+    if isinstance(exc, (ConfigError, RunFailure)):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or ['(no message)'])[0]}"
 
 
 #: `.hydra/*.yaml` of an existing run directory named on the command line, read before Hydra
@@ -213,8 +229,7 @@ def _restore_hydra_files() -> None:
             pass
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _app(cfg: DictConfig) -> Optional[float]:
+def _job(cfg: DictConfig) -> Optional[float]:
     """One job. Returns the validation top-1 (None without ``data.val_size``): the objective a
     tuning sweeper (``hydra/sweeper=optuna``) maximises, so test data never chooses a setting."""
     from hydra.core.hydra_config import HydraConfig
@@ -222,6 +237,7 @@ def _app(cfg: DictConfig) -> Optional[float]:
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     sweep_dir = hc.sweep.dir if multirun else None
+    _RESUME_DIR[:] = [("hydra.sweep.dir", str(sweep_dir)) if multirun else ("hydra.run.dir", str(cfg.run_dir))]
     try:
         results = run_with_logging(cfg, list(hc.overrides.task), sweep_dir)
     except Exception as exc:  # noqa: BLE001  (every failure reaches the user as one line)
@@ -248,32 +264,190 @@ def _app(cfg: DictConfig) -> Optional[float]:
 ERROR_FILE = "error.txt"
 #: sweep jobs that failed, counted by SweepFailures in the launching process
 _SWEEP_FAILED: list = []
+#: the directory a resumed command names (set by the job that runs): [(override key, directory)]
+_RESUME_DIR: list = []
+#: the signal that interrupted this process (SIGINT, SIGTERM), set by its handler
+_SIGNALLED: list = []
 
 
-class SweepFailures(Callback):
-    """Hydra callback (conf/config.yaml ``hydra.callbacks``): after a sweep, in the process that
-    launched it (whatever the launcher), count the jobs that left an error file; ``main`` then
-    exits with status 2."""
+def _sweep_failures_class():
+    from hydra.experimental.callback import Callback
 
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = Path(str(config.hydra.sweep.dir))
-        failed = sorted(str(p.parent) for p in sweep.glob(f"*/{ERROR_FILE}"))
-        _SWEEP_FAILED[:] = failed
-        if failed:
-            print(f"packptq: error: {len(failed)} sweep job(s) failed ({', '.join(failed[:5])}); "
-                  f"each holds {ERROR_FILE}", file=sys.stderr)
+    class SweepFailures(Callback):
+        """Hydra callback (conf/config.yaml ``hydra.callbacks``): after a sweep, in the process
+        that launched it (whatever the launcher), count the jobs that left an error file;
+        ``main`` then exits with status 2."""
+
+        def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+            sweep = Path(str(config.hydra.sweep.dir))
+            failed = sorted(str(p.parent) for p in sweep.glob(f"*/{ERROR_FILE}"))
+            _SWEEP_FAILED[:] = failed
+            if failed:
+                print(f"packptq: error: {len(failed)} sweep job(s) failed ({', '.join(failed[:5])}); "
+                      f"each holds {ERROR_FILE}", file=sys.stderr)
+
+    SweepFailures.__module__ = __name__
+    return SweepFailures
+
+
+def __getattr__(name: str):
+    # ``packptq.cli.SweepFailures`` (named in conf/config.yaml) is built on first use, so that
+    # importing this module does not import Hydra
+    if name == "SweepFailures":
+        cls = _sweep_failures_class()
+        globals()["SweepFailures"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _hydra_app():
+    import hydra
+
+    return hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_job)
+
+
+#: the dataclass behind each ``<group>/base`` of the config tree (packptq.schemas.SCHEMAS): its
+#: source file under packptq/ and its class name
+SCHEMA_SOURCES = {"quant": ("quant/convert.py", "QuantConfig"), "packing": ("packing.py", "PackingConfig"),
+                  "mp": ("mp/config.py", "MPConfig"), "recon": ("recon/unit.py", "ReconConfig"),
+                  "model": ("zoo/build.py", "ModelConfig")}
+
+
+def schema_defaults(group: str) -> dict:
+    """The default values of the schema of ``group``, read from its source file without
+    importing it (``packptq --help`` prints the composed config without importing torch):
+    literal defaults, ``MISSING`` as ``???``, ``field(default_factory=dict|list)``."""
+    rel, name = SCHEMA_SOURCES[group]
+    tree = ast.parse((Path(__file__).resolve().parent / rel).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    out: dict = {}
+    for stmt in cls.body:
+        if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name):
+            continue
+        v = stmt.value
+        if isinstance(v, ast.Name) and v.id == "MISSING":
+            out[stmt.target.id] = "???"
+        elif isinstance(v, ast.Call) and getattr(v.func, "id", None) == "field":
+            factory = next(k.value for k in v.keywords if k.arg in ("default_factory", "default"))
+            out[stmt.target.id] = {"dict": {}, "list": []}[factory.id] if isinstance(factory, ast.Name) \
+                else ast.literal_eval(factory)
+        elif v is not None:
+            out[stmt.target.id] = ast.literal_eval(v)
+    return out
+
+
+def _register_schema_defaults() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    for group in SCHEMA_SOURCES:
+        ConfigStore.instance().store(group=group, name="base", node=schema_defaults(group))
+
+
+def hydra_one_line(exc: BaseException) -> str:
+    """Hydra's composition error (several lines: the override, the reason, the key, the object
+    type, the search path) as one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and not isinstance(cause, type(exc)):
+        lines += [ln.strip() for ln in str(cause).splitlines() if ln.strip() and ln.strip() not in lines]
+    if getattr(exc, "override", None) is not None:  # OverrideParseException: the grammar's complaint
+        return f"cannot parse the override '{exc.override}': {lines[0] if lines else 'bad syntax'}"
+    add = next((ln.split(" use ", 1)[1] for ln in lines if ln.startswith("To append to your config use")), None)
+    if add and lines[0].startswith("Could not override"):
+        key = lines[0].split("'")[1]
+        return (f"unknown config key '{key}' (misspelt?); `packptq --cfg job` prints every key; "
+                f"to add a new one use {add}")
+    drop = ("full_key:", "object_type=", "reference_type=", "See https://", "Config search path", "provider=")
+    out: list = []
+    for ln in (ln for ln in lines if not ln.startswith(drop)):  # "Available options in 'g':" + one per line
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + ln
+        elif out and out[-1].startswith("Available options") and not ln.endswith(":"):
+            out[-1] += ", " + ln
+        else:
+            out.append(ln.rstrip("."))
+    return "; ".join(out)
+
+
+_VALUE_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def compose_error(argv: Sequence[str]) -> Optional[str]:
+    """Compose the config of ``argv`` as Hydra will (a sweep by its first value; sweeper syntax
+    such as ``interval()`` is left to the sweeper) and return the one-line error, else None:
+    a misspelt key, bad override syntax, ``hydra/launcher=slurm`` on a machine without SLURM.
+    Hydra's own report of these is several lines and exit status 1."""
+    if any(a.split("=", 1)[0] in _VALUE_FLAGS for a in argv):
+        return None  # another config tree: Hydra reports on it
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        single = []
+        for o, text in zip(OverridesParser.create().parse_overrides(overrides), overrides):
+            if not o.is_sweep_override():
+                single.append(text)
+                continue
+            try:
+                single.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            except Exception:  # noqa: BLE001  (glob(), interval(), tag(): checked when swept)
+                pass
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=single, return_hydra_config=True)
+    except Exception as exc:  # noqa: BLE001  (Hydra's and OmegaConf's composition errors)
+        return hydra_one_line(exc)
+    finally:
+        GlobalHydra.instance().clear()
+    multirun = "-m" in argv or "--multirun" in argv
+    launcher = str(cfg.hydra.launcher.get("_target_", ""))
+    if multirun and launcher.endswith("SlurmLauncher") and not (shutil.which("sbatch") and shutil.which("srun")):
+        return ("hydra/launcher=slurm needs SLURM, and sbatch/srun are not on PATH here; run the sweep on a "
+                "SLURM login node, or here with hydra/launcher=local (the same jobs as local processes) or "
+                "hydra/launcher=parallel")
+    return None
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGINT / SIGTERM: stop the run where it is (finished units are kept) and let ``main``
+    print the command that resumes it."""
+    _SIGNALLED[:] = [signum]
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+    raise KeyboardInterrupt
+
+
+def resume_command(argv: Sequence[str]) -> Optional[str]:
+    """The command line that resumes this interrupted run: ``argv`` with the run (or sweep)
+    directory the job used, or None before a job started."""
+    if not _RESUME_DIR:
+        return None
+    key, directory = _RESUME_DIR[0]
+    kept = [a for a in argv if not a.startswith(key + "=")]
+    return shlex.join(["packptq", *kept, f"{key}={os.path.abspath(directory)}"])
 
 
 def main() -> None:
     # the user config directory (hydra.searchpath in config.yaml) is optional
     warnings.filterwarnings("ignore", message=r".*hydra\.searchpath.*is not available")
-    group = sweep_group(sys.argv[1:])
+    argv = sys.argv[1:]
+    if any(a in ("--help", "-h") for a in argv):  # Hydra's help from the schemas' source: no torch
+        _register_schema_defaults()
+        _hydra_app()()
+        return
+    group = sweep_group(argv)
     if group and "PACKPTQ_SWEEP_GROUP" not in os.environ:
         os.environ["PACKPTQ_SWEEP_GROUP"] = group  # inherited by the sweep's jobs
-    argv = sys.argv[1:]
     user_dir = os.environ.get("PACKPTQ_CONFIG_DIR", str(Path(os.environ.get("HOME", ".")) / ".config" / "packptq"))
     bad = unknown_choice(argv, [user_dir])
     if bad:  # one line instead of Hydra's listing, before anything is imported or built
+        print(f"packptq: error: {bad}", file=sys.stderr)
+        sys.exit(2)
+    import packptq.schemas  # noqa: F401  (registers the typed bases of conf/<group>/ choice files)
+
+    bad = None if full_errors() else compose_error(argv)
+    if bad:
         print(f"packptq: error: {bad}", file=sys.stderr)
         sys.exit(2)
     multirun = "-m" in argv or "--multirun" in argv
@@ -296,7 +470,21 @@ def main() -> None:
             except OSError:
                 pass
     _SWEEP_FAILED.clear()
-    _app()
+    _RESUME_DIR.clear()
+    _SIGNALLED.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+    try:
+        _hydra_app()()
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Lightning turns an interrupt inside Trainer.fit into SystemExit(1)
+        if not _SIGNALLED and not isinstance(exc, KeyboardInterrupt):
+            raise
+        signum = _SIGNALLED[0] if _SIGNALLED else signal.SIGINT
+        again = resume_command(argv)
+        print(f"packptq: interrupted ({signal.Signals(signum).name}); finished units are kept"
+              + (f"; resume with: {again}" if again else ""), file=sys.stderr)
+        sys.exit(128 + signum)
     if _SWEEP_FAILED:
         sys.exit(2)
 
@@ -314,26 +502,53 @@ def report_main(argv=None) -> None:
 
 def export_main(argv=None) -> None:
     """``packptq-export RUN_DIR --format pt|onnx [--out PATH]``: the finished run's quantized
-    model (rebuilt from its config, FP weights and ``unit_XX.pt``) as a deployable file."""
+    model (rebuilt from its FP weights and finished units ``unit_XX.pt``, without calibrating)
+    as a deployable file. Bad input exits 2, a failure 1, with one line; no file is left
+    half-written."""
     import argparse
     import json
 
-    from packptq import pipeline
-
     ap = argparse.ArgumentParser(prog="packptq-export", description=export_main.__doc__.split(":", 1)[1].strip())
     ap.add_argument("run_dir")
-    ap.add_argument("--format", choices=("pt", "onnx"), default="pt")
+    ap.add_argument("--format", choices=("pt", "onnx"), default="pt")  # export.FORMATS (torch not imported for --help)
     ap.add_argument("--out", default=None, help="output file (default RUN_DIR/quantized.FORMAT)")
     args = ap.parse_args(argv)
-    res_file = Path(args.run_dir) / "results.json"
-    if not res_file.is_file():
-        print(f"packptq-export: error: {res_file} not found (a finished run directory has results.json)", file=sys.stderr)
-        sys.exit(2)
-    cfg = OmegaConf.create(json.loads(res_file.read_text())["config"])
-    cfg.run_dir, cfg.progress, cfg.export = str(args.run_dir), False, None
     try:
-        res = pipeline.export_run(pipeline.quantized(cfg), args.format, args.out)
-    except ConfigError as exc:
-        print(f"packptq-export: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        from packptq.runtime import set_threads
+
+        set_threads(os.environ.get("PACKPTQ_THREADS"))  # as config.yaml's threads reads it
+        res = _export(args.run_dir, args.format, args.out)
+    except Exception as exc:  # noqa: BLE001  (every failure reaches the user as one line)
+        if full_errors():
+            raise
+        print(f"packptq-export: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+    print(f"[packptq] export {res['format']}: {res['path']} ({res['bytes']} bytes; FP weights {res['fp_bytes']} "
+          f"bytes); top-1 agreement with the quantized model {res['agreement']:.2f}% on {res['n']} test inputs "
+          f"({res['source']})", file=sys.stderr)
     print(json.dumps(res))
+
+
+def _export(run_dir: str, fmt: str, out: Optional[str]) -> dict:
+    """``packptq-export``'s work: the run's quantized model from its unit files (or, where
+    they do not hold the whole quantized state, through the run's phases), written and checked."""
+    from packptq import export
+
+    res = export.read_results(run_dir)
+    out = out or export.default_path(run_dir, fmt)
+    if Path(out).is_dir():
+        raise export.ExportError(f"--out {out} is a directory; give the file to write (e.g. {Path(out) / f'quantized.{fmt}'})")
+    built = export.from_units(run_dir, res)
+    if built is None:  # no reconstruction, mixed precision, ln_reparam: the phases rebuild it
+        from omegaconf import OmegaConf
+
+        from packptq import pipeline
+
+        cfg = OmegaConf.create(res["config"])
+        cfg.run_dir, cfg.progress, cfg.export = str(run_dir), False, None
+        info = pipeline.export_run(pipeline.quantized(cfg), fmt, out)
+        return {**info, "source": "rebuilt through the run's phases (calibration included)"}
+    qmodel, rec, x_check, fp_file = built
+    info = export.export_quantized(qmodel, rec, fmt, out, x_check)
+    info["fp_bytes"] = fp_file.stat().st_size if fp_file is not None and fp_file.is_file() else None
+    return {**info, "source": f"read from {len(res['unit_keys'])} unit files"}

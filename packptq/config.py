@@ -5,20 +5,30 @@ unknown key or a wrong type is an error before any compute, and range checks liv
 ``__post_init__``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Type, TypeVar
-
-from omegaconf import DictConfig, OmegaConf
 
 T = TypeVar("T")
 
+#: the Hydra config tree, shipped inside the package (packptq/conf): the command line and the
+#: Python API compose from here, in a source checkout and in an installed wheel alike
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
 
 class ConfigError(ValueError):
-    """A user-facing configuration problem; the message says what to fix."""
+    """A user-facing configuration problem; the message says what to fix (exit status 2)."""
+
+
+class RunFailure(RuntimeError):
+    """A run that started from good input and failed (a reconstruction that diverged, a full
+    disk); the message says what happened and what is kept (exit status 1)."""
 
 
 def typed(schema: Type[T], section: Any, where: str) -> T:
     """Merge ``section`` (a DictConfig or dict) into the dataclass ``schema`` strictly and
     return a dataclass instance. Unknown keys and bad types raise ConfigError naming ``where``."""
+    from omegaconf import DictConfig, OmegaConf  # here: the command lines import this module for its errors
+
     base = OmegaConf.structured(schema)
     OmegaConf.set_struct(base, True)
     try:

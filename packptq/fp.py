@@ -6,10 +6,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import sys
 import tempfile
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from packptq.artifacts import file_digest
+from packptq.artifacts import file_digest, save_pt
 from tqdm.auto import tqdm
 
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 from packptq.runtime import TRAINER_DEFAULTS, device_of, one_thread, step_bar
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
@@ -56,7 +54,7 @@ class Classifier(L.LightningModule):
 
 #: data settings that do not change the trained FP weights (serving and calibration choices;
 #: the data's content enters the key through its digest, so a moved file keeps its model)
-_DATA_NOT_IN_KEY = ("calib_size", "calib_seed", "num_workers", "batch_size", "path")
+_DATA_NOT_IN_KEY = ("calib_size", "calib_seed", "calib_transform", "num_workers", "batch_size", "path")
 
 
 def fp_cache_key(model_cfg, data_cfg, content: Optional[str] = None, precision: Optional[str] = None) -> str:
@@ -85,16 +83,25 @@ def cache_path(model_cfg, dm, cache_dir: Path, trainer_kwargs: Optional[dict] = 
 
 
 def check_trainable(model_cfg, dm) -> int:
-    """Optimiser steps one epoch of FP training takes (batches of ``train_batch_size``, last
-    partial batch dropped); a configuration that would train zero steps is a ConfigError."""
-    dm.setup()
-    n = len(dm.train_set)
+    """Optimiser steps one epoch of FP training takes (batches of ``train_batch_size`` over the
+    training split less the validation rows, last partial batch dropped: what ``_train`` sees);
+    a configuration that would train zero steps is a ConfigError."""
+    n = len(training_indices(dm))
     steps = n // model_cfg.train_batch_size
     if steps < 1:
-        raise ConfigError(f"FP training would take no optimiser step: the training split has {n} samples, fewer "
-                          f"than model.train_batch_size={model_cfg.train_batch_size}; lower model.train_batch_size "
-                          "or give more training data")
+        held = f" after data.val_size={dm.cfg.val_size} validation rows are held out" if dm.cfg.val_size else ""
+        raise ConfigError(f"FP training would take no optimiser step: the training split has {n} samples{held}, "
+                          f"fewer than model.train_batch_size={model_cfg.train_batch_size}; lower "
+                          "model.train_batch_size" + (" or data.val_size" if held else "") + " or give more training data")
     return steps
+
+
+def training_indices(dm) -> list:
+    """Indices of the training split that FP training uses: every row outside the validation
+    split (the network must not see the rows that choose hyper-parameters)."""
+    dm.setup()
+    held = set(dm.val_indices().tolist()) if dm.cfg.val_size else set()
+    return [i for i in range(len(dm.train_set)) if i not in held]
 
 
 def check_writable(folder: Path) -> None:
@@ -152,9 +159,7 @@ def train_or_load(model: nn.Module, dm, model_cfg, data_cfg, cache_dir: Path,
         if _load_cached(model, path):  # trained by another job while this one waited
             return model.eval(), str(path)
         _train(model, dm, model_cfg, data_cfg.seed, steps, trainer_kwargs, logger, progress)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_pt(path, model.state_dict())
     return model, str(path)
 
 
@@ -164,8 +169,7 @@ def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwarg
     g = torch.Generator().manual_seed(seed)
     train_set = dm.train_set
     if dm.cfg.val_size:  # the validation split must be unseen by the network to choose anything
-        held = set(dm.val_indices().tolist())
-        train_set = torch.utils.data.Subset(train_set, [i for i in range(len(train_set)) if i not in held])
+        train_set = torch.utils.data.Subset(train_set, training_indices(dm))
     loader = torch.utils.data.DataLoader(train_set, batch_size=model_cfg.train_batch_size, shuffle=True,
                                          generator=g, num_workers=dm.cfg.num_workers, drop_last=True)
     module = Classifier(model, model_cfg.train_lr, model_cfg.train_wd, model_cfg.train_epochs, len(loader))
@@ -179,8 +183,12 @@ def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwarg
     if bar is not None:
         kw["callbacks"] = [*kw.get("callbacks", []), step_bar(bar)]
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
+    trainer = L.Trainer(**kw)
     with one_thread(device_of(kw)):  # the same weights at any thread count (runtime.one_thread)
-        L.Trainer(**kw).fit(module, train_dataloaders=loader)
+        trainer.fit(module, train_dataloaders=loader)
+    if trainer.global_step < 1:  # never cache an untrained network under a trained model's key
+        raise RunFailure("FP training took no optimiser step; nothing was cached. Check model.train_batch_size "
+                         "against the training split")
     if bar is not None:
         bar.close()
     model.cpu().eval()

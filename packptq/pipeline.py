@@ -169,7 +169,7 @@ def quantized(cfg: DictConfig, logger=None) -> Quantized:
     prior: dict = {}  # this run directory's phase times in earlier processes
 
     def persist_times(mine: dict) -> None:
-        if rd.run_fp is not None:
+        if rd.run_fp is not None and rd.written - {"times.json"}:  # a resume refused before any new work writes nothing
             rd.write_json("times.json", {"prior": prior, "time_s": _add(prior, mine)})
 
     timer = Timer(persist_times)

@@ -23,7 +23,7 @@ from packptq.zoo.build import ModelConfig
 
 from conftest import CONF, compose_cfg
 
-GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "experiment",
+GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "profile", "experiment",
           "hydra/launcher"]
 #: values that an option leaves mandatory (???), supplied so it can compose completely
 #: ({tmp} is the test's tmp_path, holding an empty d.npz)
@@ -99,6 +99,15 @@ def test_mandatory_values_are_asked_for(group, option, match, tmp_path):
         typed(schema, cfg[group], group)
 
 
+@pytest.mark.parametrize("option", options("profile"))
+def test_profile_options_compose_and_type(option, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"profile={option}"])
+    check_owned(cfg)
+    # a profile sets switches of the sections packptq owns, nothing else
+    text = OmegaConf.to_container(OmegaConf.load(CONF / "profile" / f"{option}.yaml")) or {}
+    assert set(text) <= {"quant", "packing", "mp", "recon", "data"}, set(text)
+
+
 @pytest.mark.parametrize("option", options("trainer"))
 def test_trainer_options_are_trainer_arguments(option, tmp_path):
     cfg = compose_cfg(base(tmp_path) + [f"trainer={option}"])
@@ -167,7 +176,8 @@ def sweep_values(params) -> list:
 
 
 #: experiments whose sweeps compose many values (5.7 to 7.4 s each on a shared 2-core box)
-SLOW_EXPERIMENTS = {"paper_cnn", "paper_vit", "ablation_granularity", "ablation_granularity_deit"}
+SLOW_EXPERIMENTS = {"paper_cnn", "paper_vit", "paper_cnn_mp", "paper_vit_mp", "ablation_granularity",
+                    "ablation_granularity_deit"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPERIMENTS else n

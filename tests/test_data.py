@@ -227,7 +227,7 @@ def test_fingerprint_tracks_calibration_not_runtime(tmp_path):
     assert dm(**{**base, "calib_size": 7}).fingerprint() != fp
     assert dm(**base, seed=1).fingerprint() != fp
     # same config, other data in the file: the calibration samples differ, so must the print
-    np.savez(path, x=np.ones((30, 3, 8, 8), np.float32), y=np.zeros(30, np.int64))
+    np.savez(path, x=np.ones((30, 3, 8, 8), np.float32), y=np.arange(30) % 2)
     assert dm(**base).fingerprint() != fp
 
 
@@ -249,18 +249,43 @@ def test_imagefolder_default_then_model_transform(tmp_path):
     assert len(d.train_set) == 12 and len(d.test_set) == 6
     before = d.fingerprint()
 
-    d.attach_model(timm.create_model("resnet18", num_classes=3))
-    assert "224" in d.transform_desc and d.input_size == (3, 224, 224)
+    d.attach_model(timm.create_model("resnet18", num_classes=3))  # data.img_size wins over timm's 224
+    assert d.input_size == (3, 32, 32)
     x2, y2 = d.calib_tensors()
-    assert x2.shape == (5, 3, 224, 224) and torch.equal(y, y2)
-    assert d.fingerprint() != before  # the transform is part of the fingerprint
+    assert x2.shape == (5, 3, 32, 32) and torch.equal(y, y2)
     xb, yb = next(iter(d.test_dataloader()))
-    assert xb.shape == (2, 3, 224, 224)
+    assert xb.shape == (2, 3, 32, 32)
+    big = dm(name="imagefolder", path=str(root), img_size=40, calib_size=5, batch_size=2, num_workers=0)
+    big.attach_model(timm.create_model("resnet18", num_classes=3))
+    assert big.calib_tensors()[0].shape == (5, 3, 40, 40)
+    assert big.fingerprint() != before  # the transform is part of the fingerprint
     # labels are the sorted class folders: a val image of "fox" is class 2
     assert d.test_set.samples[-1][1] == 2 and "fox" in d.test_set.samples[-1][0]
 
     other = dm(name="imagefolder", path=str(root), img_size=32, calib_size=5, seed=1)
     assert [r for r, _ in other.source_desc()] != files
+
+
+def test_imagefolder_keeps_the_images_own_size(tmp_path):
+    """data.img_size null: the 20x24 images stay 20x24 through the model's transform (its mean
+    and std, no resize, no crop); an image of another size is resized to the first one's."""
+    import timm
+    from PIL import Image
+
+    root = write_image_tree(tmp_path / "imgs", n_train=2, n_val=1)
+    Image.new("RGB", (50, 30)).save(root / "train" / "dog" / "dog_9.png")
+    d = dm(name="imagefolder", path=str(root), calib_size=7, batch_size=2, num_workers=0)
+    assert d.meta()["img_size"] == (20, 24) and d.input_size == (3, 20, 24)
+    model = timm.create_model("resnet18", num_classes=3)
+    d.attach_model(model)
+    assert d.input_size == (3, 20, 24)
+    x, _ = d.calib_tensors()
+    assert x.shape == (7, 3, 20, 24)
+    # no resampling: the pixels are the file's, normalised by the model's mean and std
+    cfg = timm.data.resolve_model_data_config(model)
+    px = torch.from_numpy(np.asarray(Image.open(root / "train" / "cat" / "cat_0.png"))).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+    assert torch.allclose(d.train_set[0][0], (px - mean) / std, atol=1e-5)
 
 
 def test_imagefolder_vit_uses_its_fixed_input_size(tmp_path):

@@ -1,20 +1,19 @@
 """Exports: integer code packing, the pt checkpoint (``load_quantized`` reproduces the run's
 quantized model exactly, without the run directory or the FP cache), ONNX with QDQ checked by
 onnx.checker and run by onnxruntime, the refusal of the log-sqrt(2) quantizer, the
-``packptq-export`` command, and ``packptq.quantize`` on a model outside the zoo."""
+``packptq-export`` command (reads the unit files, refuses broken run directories with one line
+and exit 2), and ``packptq.quantize`` on a model outside the zoo."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, tiny_cfg
+from conftest import tiny_cfg
 
 from packptq import export
 
@@ -133,13 +132,13 @@ def test_log2_softmax_quantizer_is_refused_for_onnx(tmp_path):
     quantize_model(model, QuantConfig(w_bits=4, a_bits=4, attn_prob="log2"), x[:2])
     calibrate(model, x)
     with pytest.raises(export.ExportError, match=r"log-sqrt\(2\).*attn_prob=uniform"):
-        export.export_onnx(model, x[:2], tmp_path / "m.onnx")
+        export.export_onnx(model, tmp_path / "m.onnx", x[:2])
     assert not (tmp_path / "m.onnx").exists()
     # the same model with the uniform softmax quantizer exports and runs in onnxruntime
     for m in model.modules():
         if hasattr(m, "p_quant"):
             m.p_quant.q.enabled = False
-    path = export.export_onnx(model, x[:2], tmp_path / "m.onnx")
+    path = export.export_onnx(model, tmp_path / "m.onnx", x[:2])
     with torch.no_grad():
         ref = model(x)
     diff = (export.onnx_predict(path, x) - ref).abs()
@@ -148,24 +147,124 @@ def test_log2_softmax_quantizer_is_refused_for_onnx(tmp_path):
     assert (diff < 1e-4).all(dim=1).float().mean() >= 0.5 and diff.max() < 0.02
 
 
-@pytest.mark.slow
-def test_export_command_needs_a_finished_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", "from packptq.cli import export_main; export_main()", str(tmp_path),
-                        "--format", "onnx"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 2 and "results.json not found" in r.stderr
+def _export_cmd(capsys, *argv):
+    """``packptq-export ARGV`` in-process: (exit status, stdout, stderr)."""
+    from packptq.cli import export_main
+
+    code = 0
+    try:
+        export_main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _finished(tmp_path, results: dict):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.mark.parametrize("fault,code,match", [
+    ("no_run_dir", 2, "run not found"),
+    ("no_results", 2, "results.json not found"),
+    ("not_a_directory", 2, "is not a directory"),
+    ("corrupt_results", 2, "is not valid JSON at line 1"),
+    ("incomplete_results", 2, "lacks ['fingerprint', 'units', 'unit_keys', 'mp'] of a finished run"),
+    ("out_is_directory", 2, "--out"),
+    ("missing_unit", 2, "unit_00.pt not found"),
+])
+def test_export_command_faults_are_one_line(tmp_path, capsys, fault, code, match):
+    """Bad input: exit 2, one line on stderr, no traceback, nothing written."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_cfg(["logger=none", "data=digits", f"cache_dir={tmp_path / 'cache'}",
+                                              f"run_dir={tmp_path / 'run'}"]), resolve=True)
+    good = {"config": cfg, "fingerprint": "f", "units": [["layer1.0"]], "unit_keys": ["pack_00"],
+            "mp": {"policy": "none"}}
+    run_dir, extra = tmp_path / "run", []
+    if fault == "no_results":
+        run_dir.mkdir()
+    elif fault == "not_a_directory":
+        run_dir.write_text("x")
+    elif fault == "corrupt_results":
+        _finished(tmp_path, good)
+        (run_dir / "results.json").write_text(json.dumps(good)[:100])
+    elif fault == "incomplete_results":
+        _finished(tmp_path, {"config": cfg})
+    elif fault == "out_is_directory":
+        _finished(tmp_path, good)
+        (tmp_path / "o").mkdir()
+        extra = ["--out", tmp_path / "o"]
+    elif fault == "missing_unit":  # the FP weights are there, the unit file is not
+        _finished(tmp_path, good)
+    if fault == "missing_unit":
+        pytest.importorskip("timm")
+        from packptq import fp
+        from packptq.data import build_datamodule
+        from packptq.zoo.build import ModelConfig
+
+        from packptq.config import typed
+
+        mcfg = typed(ModelConfig, cfg["model"], "model")
+        dm = build_datamodule(cfg["data"])
+        model = fp.build(mcfg, dm)
+        f = fp.weights_file(mcfg, dm, cfg["cache_dir"])
+        f.parent.mkdir(parents=True)
+        torch.save(model.state_dict(), f)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc, out, err = _export_cmd(capsys, run_dir, "--format", "pt", *extra)
+    assert rc == code, err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert out == "" and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 @pytest.mark.slow
-def test_export_command_on_a_run(tmp_path):
+def test_export_command_reads_the_units_without_calibrating(tmp_path, capsys):
+    """packptq-export rebuilds the run's quantized model from its unit files: the same logits as
+    the run's phases give, no calibration lines printed; a damaged unit file is one line."""
+    from omegaconf import OmegaConf
+
+    from packptq import pipeline
+
     run_dir, res = _run_and_export(tmp_path, "resnet18", "w4a4")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PACKPTQ_THREADS": "1"}
+    capsys.readouterr()
     out = tmp_path / "out" / "m.onnx"
-    r = subprocess.run([sys.executable, "-c", "from packptq.cli import export_main; export_main()", str(run_dir),
-                        "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rc, stdout, err = _export_cmd(capsys, run_dir, "--format", "onnx", "--out", out)
+    assert rc == 0, err
+    rep = json.loads(stdout.strip().splitlines()[-1])
     assert rep["path"] == str(out) and out.stat().st_size == rep["bytes"] and rep["agreement"] >= 99.5
+    assert rep["source"] == f"read from {len(res['unit_keys'])} unit files"
+    assert "RTN" not in err and "recon cache" not in err and "calibrate" not in err
+    assert rep["fp_bytes"] > rep["bytes"]
+    # the model it exports equals the run's own, read back through its phases
+    qm, _, x, _ = export.from_units(run_dir, export.read_results(run_dir))
+    cfg = OmegaConf.create(res["config"])
+    with torch.no_grad():
+        assert torch.equal(qm(x), pipeline.quantized(cfg).twins.qmodel.eval()(x))
+    capsys.readouterr()
+    unit = run_dir / "unit_01.pt"
+    unit.write_bytes(unit.read_bytes()[:500])
+    rc, stdout, err = _export_cmd(capsys, run_dir, "--format", "pt", "--out", tmp_path / "x.pt")
+    assert rc == 2 and "unit_01.pt is damaged" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists() and not list(tmp_path.glob(".x.pt*"))
+
+
+@pytest.mark.slow
+def test_export_command_rebuilds_through_the_phases_when_units_do_not_cover(tmp_path, capsys):
+    """An RTN run (packing=none) has no unit files: packptq-export calibrates again, and says so."""
+    from packptq import pipeline
+
+    run_dir = tmp_path / "run"
+    pipeline.run(tiny_cfg(run_dir, "packing=none", "threads=1"))
+    capsys.readouterr()
+    rc, stdout, err = _export_cmd(capsys, run_dir, "--format", "pt")
+    assert rc == 0, err
+    rep = json.loads(stdout.strip().splitlines()[-1])
+    assert rep["source"].startswith("rebuilt through the run's phases") and rep["agreement"] == 100.0
 
 
 @pytest.mark.slow

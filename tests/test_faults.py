@@ -23,7 +23,7 @@ import torch
 
 from conftest import ROOT, tiny_cfg, tiny_overrides
 from packptq import fp, pipeline
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 
 
 def one_line(exc: BaseException) -> str:
@@ -73,6 +73,10 @@ def _file(tmp_path: Path, kind: str) -> str:
         x = np.random.default_rng(0).normal(size=(60, 16, 16, 1)).astype(np.float32)
         np.savez(tmp_path / "nhwc.npz", x=x, y=np.arange(60) % 10)
         return str(tmp_path / "nhwc.npz")
+    if kind == "ONE_CLASS_NPZ":  # every label 0
+        x = np.random.default_rng(0).normal(size=(300, 1, 16, 16)).astype(np.float32)
+        np.savez(tmp_path / "one.npz", x=x, y=np.zeros(300, np.int64))
+        return str(tmp_path / "one.npz")
     if kind == "FILE":  # a regular file: nothing can be created below it
         (tmp_path / "afile").write_text("x")
         return str(tmp_path / "afile")
@@ -82,7 +86,7 @@ def _file(tmp_path: Path, kind: str) -> str:
 def _expand(overrides, tmp_path: Path):
     out = []
     for o in overrides:
-        for kind in ("NAN_CKPT", "PARTIAL_CKPT", "EXTRA_CKPT", "NHWC_NPZ", "FILE"):
+        for kind in ("NAN_CKPT", "PARTIAL_CKPT", "EXTRA_CKPT", "NHWC_NPZ", "ONE_CLASS_NPZ", "FILE"):
             if kind in o:
                 o = o.replace(kind, _file(tmp_path, kind))
         out.append(o)
@@ -95,6 +99,10 @@ BEFORE = [
     (["model.train_epochs=0"], r"model.train_epochs must be >= 1"),
     (["model.train_batch_size=5000"], r"no optimiser step: the training split has \d+ samples"),
     (["data.n_test=-200"], r"data.n_test must be >= 1, got -200"),
+    # the validation rows leave 47 training samples, fewer than one batch of 64
+    (["data.calib_size=16", "data.val_size=1350", "model.train_batch_size=64"],
+     r"training split has 47 samples after data.val_size=1350 validation rows are held out, fewer than "
+     r"model.train_batch_size=64"),
     (["model.train_lr=0"], r"model.train_lr must be a finite number > 0"),
     (["model.train_wd=-1"], r"model.train_wd must be"),
     (["cache_dir=FILE/cache"], r"FP cache folder .* is not writable"),
@@ -120,6 +128,8 @@ BEFORE = [
     (["model.family=resnot"], r"unknown model.family 'resnot'; known: auto, .*resnet"),
     # data layouts
     (["data=npz", "data.path=NHWC_NPZ"], r"looks channels-last \[N, H, W, C\]"),
+    (["data=npz", "data.path=ONE_CLASS_NPZ", "data.n_test=50"], r"every training label is 0; a classifier needs at "
+                                                                 r"least two classes"),
     # directories
     (["run_dir=FILE/run"], r"run directory .* is not writable"),
 ]
@@ -202,8 +212,10 @@ def test_swapped_unit_files_are_refused(finished_run, tmp_path):
     a, b = run_dir / "unit_03.pt", run_dir / "unit_04.pt"
     tmp = run_dir / "swap"
     a.rename(tmp), b.rename(a), tmp.rename(b)
+    before = _mtimes(run_dir)
     msg = refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit_03.pt holds unit pack_03 .* not pack_02")
     assert "mixes unit files" in msg
+    assert _mtimes(run_dir) == before  # refused after the guard passed: times.json is not rewritten either
 
 
 @pytest.mark.slow
@@ -237,8 +249,78 @@ def test_nonfinite_unit_loss_stops_naming_unit_and_step(tmp_path, trained_tiny, 
 
     monkeypatch.setattr(unit_mod.UnitReconstruction, "step_loss", poisoned)
     run_dir = tmp_path / "run"
-    refuse(run_dir, ["packing=block", "recon.iters=5"], r"unit pack_02 diverged: loss nan at step 3 of 5")
+    with pytest.raises(RunFailure, match=r"unit pack_02 diverged: loss nan at step 3 of 5") as exc:
+        pipeline.run(tiny_cfg(run_dir, "packing=block", "recon.iters=5"))
+    assert not isinstance(exc.value, ConfigError)  # a failure of the run, not bad input (exit 1, not 2)
+    one_line(exc.value)
+    assert not (run_dir / "results.json").exists()
     assert sorted(p.name for p in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt", "unit_02.pt"]
+
+
+@pytest.mark.slow
+def test_full_disk_names_the_path_and_leaves_no_temp_file(finished_run, tmp_path, monkeypatch):
+    """The disk fills while unit_05.pt is written: a RunFailure naming that file and the way
+    on; no ``.unit_05.pt.<pid>.tmp`` left; the units before it kept for the resume."""
+    import errno
+
+    from packptq import artifacts
+
+    run_dir = _copy(finished_run, tmp_path)
+    for p in [*run_dir.glob("unit_0[5-9].*"), run_dir / "results.json"]:
+        p.unlink()
+    save = artifacts.torch.save
+
+    def full(obj, f):
+        if Path(f.name).name.startswith(".unit_05.pt."):
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f)
+
+    monkeypatch.setattr(artifacts.torch, "save", full)
+    with pytest.raises(RunFailure) as exc:
+        pipeline.run(tiny_cfg(run_dir, "packing=block", "recon.iters=5"))
+    msg = one_line(exc.value)
+    assert f"cannot write {run_dir / 'unit_05.pt'} (No space left on device); free space" in msg
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "unit_05.pt").exists()
+    assert sorted(p.name for p in run_dir.glob("unit_*.pt")) == [f"unit_{i:02d}.pt" for i in range(5)]
+
+
+def test_atomic_write_error_keeps_the_old_file(tmp_path):
+    from packptq.artifacts import save_pt
+
+    save_pt(tmp_path / "a.pt", {"v": torch.ones(2)})
+    with pytest.raises(RunFailure, match=rf"cannot write {tmp_path / 'a.pt'} .*run the same command again"):
+        save_pt(tmp_path / "a.pt", {"v": _Unpicklable()})
+    assert torch.load(tmp_path / "a.pt")["v"].tolist() == [1.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+# -- 3b. one writer per run directory ----------------------------------------------------------------
+def test_second_writer_of_a_run_directory_is_refused(tmp_path):
+    """Another process holds the run directory's lock (here: another open file description of
+    the lock file, which flock treats like another process): refused at once, one line naming
+    the holder, nothing written; after it lets go, the same directory is usable."""
+    import fcntl
+
+    from packptq import cli
+    from packptq.artifacts import LOCK_FILE, writer_lock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = open(run_dir / LOCK_FILE, "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    with pytest.raises(ConfigError) as exc:
+        cli.run_with_logging(tiny_cfg(run_dir), [])
+    assert f"run directory {run_dir} is in use by another packptq process (pid {os.getpid()})" in one_line(exc.value)
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+    holder.close()
+    with writer_lock(run_dir), writer_lock(run_dir):  # free again; re-entrant within a process
+        pass
 
 
 def test_fp_model_near_chance_is_refused_before_quantizing(tmp_path, monkeypatch):
@@ -358,10 +440,60 @@ def test_unknown_config_choice_is_one_line_naming_the_known_ones(tmp_path):
     assert unknown_choice(["model=mine"], [str(tmp_path)]) is None
 
 
+def test_hydra_composition_errors_are_one_line(monkeypatch):
+    """What Hydra reports in several lines (exit 1) is one line before the run: a misspelt key,
+    bad override syntax, a nested group that does not exist; a SLURM sweep where SLURM is not
+    installed. Sweeps are composed by their first value; a sweep over a good key passes."""
+    import shutil as sh
+
+    import packptq.schemas  # noqa: F401
+    from packptq.cli import compose_error
+
+    assert compose_error(["recon.iter=5"]) == ("unknown config key 'recon.iter' (misspelt?); `packptq --cfg job` "
+                                               "prints every key; to add a new one use +recon.iter=5")
+    assert compose_error(["-m", "seed=0,1", "model.nme=x"]).startswith("unknown config key 'model.nme'")
+    assert compose_error(["quant.w_bits=[4"]).startswith("cannot parse the override 'quant.w_bits=[4': ")
+    msg = compose_error(["hydra/launcher=nope"])
+    assert "Could not find 'hydra/launcher/nope'" in msg and "Available options in 'hydra/launcher': basic," in msg
+    assert compose_error(["recon.iters=abc"]).endswith("Value 'abc' of type 'str' could not be converted to Integer")
+    assert compose_error(["-m", "seed=0,1", "recon.iters=range(2,4)", "quant=glob(*)"]) is None
+    monkeypatch.setattr(sh, "which", lambda name: None)
+    slurm = compose_error(["-m", "hydra/launcher=slurm", "seed=0,1"])
+    assert slurm.startswith("hydra/launcher=slurm needs SLURM, and sbatch/srun are not on PATH here")
+    assert compose_error(["hydra/launcher=slurm", "seed=0"]) is None  # a single run launches nothing
+
+
+def test_pretrained_weights_offline_read_the_hub_cache_only(tmp_path, monkeypatch):
+    """``model.pretrained=true`` with the hub unreachable: timm runs with huggingface_hub in
+    offline mode (the local cache only, no minute of retries) and the failure is one line."""
+    import timm
+    from huggingface_hub import constants
+
+    from packptq.zoo import build
+
+    seen = []
+    create = timm.create_model
+
+    def spy(*a, **k):
+        seen.append(constants.HF_HUB_OFFLINE)
+        return create(*a, **k)
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(build, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(timm, "create_model", spy)
+    was = constants.HF_HUB_OFFLINE
+    with pytest.raises(ConfigError, match=r"model.pretrained=true: timm could not get resnet18's pretrained weights "
+                                          r"\(.*\); offline, give model.checkpoint=PATH") as exc:
+        build.build_timm(build.ModelConfig(name="resnet18", pretrained=True), {"num_classes": 10, "in_chans": 3})
+    one_line(exc.value)
+    assert seen == [True] and constants.HF_HUB_OFFLINE == was
+
+
 CLI = [
     (["seed=-1"], "seed must be an integer"),
     (["data.name=cifar99"], "unknown data.name 'cifar99'; known:"),
     (["hydra.run.dir=FILE/run"], "run directory"),
+    (["recon.iter=5"], "unknown config key 'recon.iter' (misspelt?)"),
 ]
 
 
@@ -411,17 +543,93 @@ def test_cli_sweep_with_one_bad_job_runs_the_others(tmp_path, trained_tiny):
     assert "seed must be" in (sweep / "1" / "error.txt").read_text()
 
 
+def _poisoned_main(unit_key: str, action: str) -> str:
+    """``python -c`` source: the packptq command line with ``action`` (an expression of
+    ``r, l``) applied from step 3 of unit ``unit_key``'s reconstruction."""
+    return ("import os, signal, sys; from packptq.recon import unit as u; f = u.UnitReconstruction.step_loss\n"
+            "def p(self, b, s):\n    r, l = f(self, b, s)\n"
+            f"    return ({action}) if self.key == {unit_key!r} and s >= 3 else (r, l)\n"
+            "u.UnitReconstruction.step_loss = p\nfrom packptq.cli import main; main()")
+
+
+def _cli_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PACKPTQ_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+@pytest.mark.slow
+def test_cli_divergence_is_a_failure_exit_1(tmp_path, trained_tiny):
+    """A unit whose loss turns NaN: one line, exit status 1 (the run failed; the input was
+    fine), the finished units kept."""
+    run_dir = tmp_path / "run"
+    poison = _poisoned_main("pack_02", "r * float('nan'), l * float('nan')")
+    p = subprocess.run([sys.executable, "-c", poison, *_tiny_args(run_dir, "packing=block", "recon.iters=5")],
+                       env=_cli_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("packptq: error: ")]
+    assert len(errors) == 1 and "unit pack_02 diverged: loss nan at step 3 of 5" in errors[0]
+    assert sorted(x.name for x in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt", "unit_02.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_interrupt_prints_the_resume_command(sig, tmp_path, trained_tiny):
+    """Ctrl-C or SIGTERM in the middle of a unit's reconstruction (the process signals itself
+    at step 3 of pack_02, inside Lightning's fit): exit status 128 + signal number, one line
+    with the command that resumes (the same overrides and ``hydra.run.dir``), no traceback,
+    no temporary file; that command finishes the run from the units kept."""
+    import shlex
+    import signal
+
+    run_dir = tmp_path / "run"
+    args = _tiny_args(run_dir, "packing=block", "recon.iters=5")
+    signum = getattr(signal, sig)
+    p = subprocess.run([sys.executable, "-c", _poisoned_main("pack_02", f"os.kill(os.getpid(), {int(signum)}) or (r, l)"),
+                        *args], env=_cli_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 128 + signum and "Traceback" not in p.stdout + p.stderr, p.stderr[-2000:]
+    line = [ln for ln in p.stderr.splitlines() if ln.startswith("packptq: interrupted")]
+    assert len(line) == 1 and line[0].startswith(f"packptq: interrupted ({sig}); finished units are kept; resume with: ")
+    again = shlex.split(line[0].split("resume with: ", 1)[1])
+    assert again[0] == "packptq" and again[-1] == f"hydra.run.dir={run_dir}" and again[1:-1] == args[:-1]
+    assert not list(run_dir.glob(".*.tmp")) and not (run_dir / "results.json").exists()
+    assert sorted(x.name for x in run_dir.glob("unit_*.pt")) == ["unit_00.pt", "unit_01.pt", "unit_02.pt"]
+    kept = (run_dir / "unit_00.pt").read_bytes()
+    p = subprocess.run([sys.executable, "-m", "packptq", *again[1:]], env=_cli_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (run_dir / "unit_00.pt").read_bytes() == kept and (run_dir / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_slurm_sweep_without_slurm_is_one_line(tmp_path):
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                           if not (Path(d) / "srun").exists() and not (Path(d) / "sbatch").exists())
+    args = [o for o in tiny_overrides(tmp_path / "unused") if not o.startswith("run_dir=")]
+    p = _cli(tmp_path, "-m", "hydra/launcher=slurm", *args, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             env_extra={"PATH": path})
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout, p.stderr[-2000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("packptq: error: ")]
+    assert len(errors) == 1 and "hydra/launcher=slurm needs SLURM" in errors[0]
+    assert not (tmp_path / "sweep").exists()
+
+
 #: the faulty inputs of this module, by where they stop (experiments/results/faults.md); the other
 #: tests here check behaviour that is not a fault (what the FP cache and the fingerprint follow)
 CATALOGUE = {
     # BEFORE, the corrupt image, RESUME_BEFORE, CLI, the refused resume on the command line, the
-    # bad job of a sweep (refused before its own compute)
-    "before": len(BEFORE) + 1 + len(RESUME_BEFORE) + len(CLI) + 1 + 1,
+    # bad job of a sweep (refused before its own compute); Hydra composition errors (a misspelt
+    # key, one in a sweep, bad syntax, an unknown nested group, a wrong type, SLURM without
+    # SLURM), pretrained weights offline, a second writer of a run directory, the SLURM sweep on
+    # the command line
+    "before": len(BEFORE) + 1 + len(RESUME_BEFORE) + len(CLI) + 1 + 1 + 6 + 1 + 1 + 1,
     # swapped unit files, a unit file of another run, a non-finite unit loss (after calibration
-    # and the finished units), an FP model near chance (after its evaluation, before quantizing)
-    "after": 4,
+    # and the finished units), an FP model near chance (after its evaluation, before quantizing);
+    # the non-finite loss on the command line (exit 1), SIGINT and SIGTERM during a unit, a full
+    # disk while a unit file is written
+    "after": 4 + 1 + 2 + 1,
 }
 
 
 def test_catalogue_counts():
-    assert CATALOGUE == {"before": 35, "after": 4}
+    assert CATALOGUE == {"before": 47, "after": 8}

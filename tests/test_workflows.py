@@ -22,9 +22,9 @@ def test_configs_ship_inside_the_package():
     for group in ("model/resnet18.yaml", "data/mnist5k.yaml", "hydra/launcher/slurm.yaml",
                   "experiment/quickstart.yaml"):
         assert (conf / group).is_file(), group
-    from packptq import cli
+    from packptq import api, cli
 
-    assert Path(cli.CONF_DIR) == Path(str(conf))
+    assert Path(cli.CONF_DIR) == Path(api.CONF_DIR) == Path(str(conf))  # one tree for both, inside the package
 
 
 def test_sweep_group_names_the_experiment_and_swept_keys():
@@ -223,3 +223,31 @@ def test_progress_weighted_by_steps_and_console_saved(tmp_path, trained_tiny):
     assert f"| {steps}/{steps} [" in log
     assert "calibrate" in log
     assert "quantized top-1" in log  # the printed results table
+
+
+def test_help_schema_defaults_match_the_schemas():
+    """``packptq --help`` reads each schema's defaults from its source instead of importing it
+    (no torch): they equal the dataclasses' own, for every registered group."""
+    from omegaconf import OmegaConf
+
+    from packptq.cli import SCHEMA_SOURCES, schema_defaults
+    from packptq.schemas import SCHEMAS
+
+    assert set(SCHEMA_SOURCES) == set(SCHEMAS)
+    for group, schema in SCHEMAS.items():
+        assert SCHEMA_SOURCES[group][1] == schema.__name__
+        assert schema_defaults(group) == OmegaConf.to_container(OmegaConf.structured(schema)), group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["main", "report_main", "export_main"])
+def test_help_of_each_command_imports_no_torch(entry, tmp_path):
+    """``--help`` of ``packptq``, ``packptq-report`` and ``packptq-export`` prints its usage
+    without importing torch, Lightning or timm (the command modules import them when needed)."""
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'lightning', 'timm') if m in sys.modules)))\n"
+            f"sys.argv = ['prog', '--help']\nfrom packptq import cli\ncli.{entry}()")
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "HEAVY []" in p.stdout and ("usage:" in p.stdout or "== Config ==" in p.stdout), p.stdout[-2000:]

@@ -25,6 +25,10 @@ DATASETS: Registry[type] = Registry("dataset")
 RUNTIME_KEYS = ("batch_size", "num_workers", "path")
 
 
+#: ``data.calib_transform`` choices
+CALIB_TRANSFORMS = ("eval", "train")
+
+
 @dataclass
 class DataConfig:
     name: str = "mnist5k"
@@ -36,6 +40,10 @@ class DataConfig:
     # training samples held out as the validation split (hyper-parameters are chosen on it): drawn
     # with the split seed, never calibrated on; 0 = no validation split
     val_size: int = 0
+    # preprocessing of the calibration images: eval (the evaluation transform) | train (a random
+    # resized crop + horizontal flip of each image, drawn with the calibration seed: the official
+    # Pack-PTQ code calibrates on its training loader's augmented images)
+    calib_transform: str = "eval"
 
     def __post_init__(self) -> None:
         if self.calib_size < 1:
@@ -46,6 +54,8 @@ class DataConfig:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.calib_transform not in CALIB_TRANSFORMS:
+            raise ConfigError(f"data.calib_transform={self.calib_transform}; use {'|'.join(CALIB_TRANSFORMS)}")
         for key in ("seed", "calib_seed"):
             v = getattr(self, key)
             if v is not None and not 0 <= v < 2 ** 63:
@@ -84,12 +94,25 @@ class BaseDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None:
             self.train_set, self.test_set = self._load()
+            self._check_classes()
             if self.cfg.calib_size + self.cfg.val_size > len(self.train_set):
                 raise ConfigError(
                     f"data.calib_size={self.cfg.calib_size}" + (f" + data.val_size={self.cfg.val_size}"
                                                                 if self.cfg.val_size else "")
                     + f" is larger than the training split ({len(self.train_set)} samples); lower it"
                 )
+
+    def _check_classes(self) -> None:
+        """A classifier needs two classes: data whose class count (``meta()``) or whose training
+        labels (in-memory datasets) show one is a ConfigError before any training."""
+        n = getattr(self, "num_classes", None)
+        tensors = getattr(self.train_set, "tensors", ())
+        labels = tensors[1] if len(tensors) > 1 else None
+        distinct = labels.unique().tolist() if labels is not None and len(labels) else None
+        if (n is not None and n < 2) or (distinct is not None and len(distinct) < 2):
+            only = f"every training label is {distinct[0]}" if distinct else f"{n} class"
+            raise ConfigError(f"data {self.cfg.name}: {only}; a classifier needs at least two classes "
+                              "(check the labels of the data)")
 
     def val_indices(self) -> torch.Tensor:
         """Training-split indices of the validation split (``data.val_size`` of them, drawn with
@@ -104,7 +127,7 @@ class BaseDataModule(L.LightningDataModule):
         """Training-split indices of the calibration set, drawn with the calibration seed from
         the samples outside the validation split."""
         self.setup()
-        g = torch.Generator().manual_seed(self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed)
+        g = torch.Generator().manual_seed(self._calib_seed())
         perm = torch.randperm(len(self.train_set), generator=g)
         if self.cfg.val_size:
             held = torch.zeros(len(self.train_set), dtype=torch.bool)
@@ -113,11 +136,35 @@ class BaseDataModule(L.LightningDataModule):
         return perm[: self.cfg.calib_size]
 
     def calib_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of the calibration set, stacked: x [n, *input_size], y [n] int64."""
+        """(x, y) of the calibration set, stacked: x [n, *input_size], y [n] int64. With
+        ``data.calib_transform=train`` each image is augmented (``calib_samples``), the random
+        draws seeded by the calibration seed, so the set is the same on every call."""
         self.setup()
         idx = self.calib_indices().tolist()
-        xs, ys = zip(*(self.train_set[i] for i in idx))
+        if self.cfg.calib_transform == "train":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._calib_seed())
+                xs, ys = zip(*self.calib_samples(idx))
+        else:
+            xs, ys = zip(*(self.train_set[i] for i in idx))
         return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys, dtype=torch.long)
+
+    def _calib_seed(self) -> int:
+        return self.cfg.seed if self.cfg.calib_seed is None else self.cfg.calib_seed
+
+    def calib_samples(self, idx) -> list:
+        """The (x, y) training samples ``idx`` under the training augmentation
+        (``data.calib_transform=train``): here a random resized crop (scale 0.08..1, aspect
+        3/4..4/3, back to the sample's size) and a horizontal flip with probability 0.5 of each
+        stored image tensor [C, H, W]. Datasets that decode files override it."""
+        if len(self.input_size) != 3:
+            raise ConfigError(f"data.calib_transform=train augments images; {self.cfg.name} samples have shape "
+                              f"{tuple(self.input_size)}: use data.calib_transform=eval")
+        from torchvision import transforms
+
+        aug = transforms.Compose([transforms.RandomResizedCrop(tuple(self.input_size[1:]), antialias=True),
+                                  transforms.RandomHorizontalFlip()])
+        return [(aug(torch.as_tensor(x)), y) for x, y in (self.train_set[i] for i in idx)]
 
     def source_desc(self) -> Any:
         """What identifies the calibration samples themselves, beyond the config: for in-memory
@@ -154,9 +201,11 @@ class BaseDataModule(L.LightningDataModule):
         """Hash of dataset config (minus RUNTIME_KEYS), transform, calibration count, seed, the
         chosen indices and ``source_desc()``; 16 hex characters."""
         desc = {
-            # no validation split leaves the fingerprint of configs without the key unchanged
+            # no validation split and the eval transform leave the fingerprint of configs without
+            # those keys unchanged
             "cfg": {k: v for k, v in asdict(self.cfg).items()
-                    if k not in RUNTIME_KEYS and not (k == "val_size" and not v)},
+                    if k not in RUNTIME_KEYS and not (k == "val_size" and not v)
+                    and not (k == "calib_transform" and v == "eval")},
             "transform": self.transform_desc,
             "calib_idx": self.calib_indices().tolist(),
             "source": self.source_desc(),

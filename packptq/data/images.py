@@ -1,9 +1,12 @@
 """Image folders (``path/train/<class>/<image>``, ``path/val/<class>/<image>``) and ImageNet.
 
 Preprocessing follows the model: ``attach_model`` builds timm's eval transform from the model's
-own data config (mean, std, input size, crop), and uses it for train and calibration images too,
-since PTQ calibrates under evaluation preprocessing. Before a model is attached, a default
-eval transform at ``img_size`` with ImageNet mean/std is used."""
+own data config (mean, std, interpolation, crop), and uses it for train and calibration images
+too, since PTQ calibrates under evaluation preprocessing. The input size is ``data.img_size``
+(shorter side resized, then a centre crop) when given; left null, an image folder keeps its
+images' own size (that of the first training image; others are resized to it) and ImageNet takes
+the model's own input size. A model built for one fixed size (a ViT's patch embedding) gets
+that size. Before a model is attached, the same size with ImageNet mean/std is used."""
 from __future__ import annotations
 
 import os
@@ -31,7 +34,7 @@ def _extensions() -> Tuple[str, ...]:
 class ImageFolderConfig(DataConfig):
     name: str = "imagefolder"
     path: Optional[str] = None  # folder holding train/ and val/
-    img_size: int = 224  # square side of the default transform (before attach_model), pixels
+    img_size: Optional[int] = None  # square input side in pixels; null: the images' own size
 
     def _hint(self) -> str:
         return _HINT
@@ -39,7 +42,7 @@ class ImageFolderConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require_path(self.path, self.name, self._hint(), kind="dir")
-        if self.img_size < 1:
+        if self.img_size is not None and self.img_size < 1:
             raise ConfigError(f"data.img_size must be >= 1, got {self.img_size}")
 
 
@@ -94,19 +97,62 @@ class ImageFolderData(BaseDataModule):
     """Class-folder images; labels are the sorted ``train/`` class folder names."""
 
     Config = ImageFolderConfig
+    #: with data.img_size null: keep the images' own size (False: the model's input size)
+    OWN_SIZE = True
+    #: the input side when neither data.img_size nor the images give one (before a model is attached)
+    DEFAULT_SIZE = 224
 
     def __init__(self, cfg: ImageFolderConfig) -> None:
         super().__init__(cfg)
         self.classes: Optional[List[str]] = None
-        self.input_size = (3, cfg.img_size, cfg.img_size)  # attach_model sets the model's
+        self._own: Optional[Tuple[int, int]] = None
+        self.input_size = (3, *(self._size() or (self.DEFAULT_SIZE,) * 2))  # attach_model may change it
         self._set_transform(self._default_transform())
 
     # -- transforms -----------------------------------------------------------------------
+    def _size(self) -> Optional[Tuple[int, int]]:
+        """(H, W) of the input: data.img_size squared, else the images' own size (OWN_SIZE), else
+        None (the model decides)."""
+        if self.cfg.img_size is not None:
+            return (self.cfg.img_size, self.cfg.img_size)
+        if not self.OWN_SIZE:
+            return None
+        if self._own is None:
+            self._own = self._first_image_size()
+        return self._own
+
+    def _first_image_size(self) -> Tuple[int, int]:
+        """(H, W) of the first training image (sorted class folders and files); only its header is read."""
+        from PIL import Image
+
+        classes = self._check_tree()
+        train, exts = self._split_dir("train"), _extensions()
+        for c in classes:
+            for dirpath, dirs, files in os.walk(train / c, followlinks=True):
+                dirs.sort()
+                for f in sorted(files):
+                    if f.lower().endswith(exts):
+                        path = os.path.join(dirpath, f)
+                        try:
+                            with Image.open(path) as img:
+                                w, h = img.size
+                        except (OSError, ValueError) as exc:
+                            raise ConfigError(f"image {path} cannot be read ({type(exc).__name__}); remove or "
+                                              "replace the file") from None
+                        return (h, w)
+        raise ConfigError(f"no images ({', '.join(exts)}) under {train}")
+
+    def _own_size(self) -> bool:
+        return self.cfg.img_size is None and self.OWN_SIZE
+
     def _default_transform(self) -> Callable:
         import timm.data
 
-        s = self.cfg.img_size
-        return timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, s, s)}), is_training=False)
+        size = self._size() or (self.DEFAULT_SIZE,) * 2
+        cfg = timm.data.resolve_data_config({"input_size": (3, *size)})
+        if self._own_size():
+            cfg["crop_pct"] = 1.0  # the image as it is: no resize, no crop
+        return timm.data.create_transform(**cfg, is_training=False)
 
     def _set_transform(self, transform: Callable) -> None:
         self.transform = transform
@@ -117,7 +163,8 @@ class ImageFolderData(BaseDataModule):
                 ds.transform = transform
 
     def attach_model(self, model: torch.nn.Module) -> None:
-        """Use the model's timm data config (eval transform) for every split, and its input size."""
+        """Use the model's timm data config (eval transform) for every split, at the input size of
+        ``_size`` (the model's own when that is None or the model takes one fixed size)."""
         import timm.data
 
         args = None
@@ -127,8 +174,38 @@ class ImageFolderData(BaseDataModule):
         if fixed is not None and not getattr(model, "dynamic_img_size", False):
             args = {"input_size": (3, *tuple(fixed))}
         cfg = timm.data.resolve_model_data_config(model, args=args)
+        size = self._size()
+        if args is None and size is not None:  # data.img_size, or the images' own size
+            cfg["input_size"] = (3, *size)
+            if self._own_size():
+                cfg["crop_pct"] = 1.0
         self._set_transform(timm.data.create_transform(**cfg, is_training=False))
         self.input_size = tuple(cfg["input_size"])
+        self.data_config = cfg
+
+    def train_transform(self) -> Callable:
+        """The calibration images' augmentation for ``data.calib_transform=train``: a random
+        resized crop to the input size (scale 0.08..1) and a horizontal flip, then the model's
+        normalisation; sizes, interpolation, mean and std from the model's timm data config (the
+        official Pack-PTQ code calibrates on RandomResizedCrop + flip training images)."""
+        import timm.data
+        from torchvision import transforms
+
+        cfg = getattr(self, "data_config", None) or timm.data.resolve_data_config({"input_size": self.input_size})
+        interp = timm.data.transforms.str_to_interp_mode(cfg.get("interpolation", "bilinear"))
+        return transforms.Compose([transforms.RandomResizedCrop(tuple(cfg["input_size"][1:]), interpolation=interp),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                   transforms.Normalize(cfg["mean"], cfg["std"])])
+
+    def calib_samples(self, idx) -> list:
+        """The training images ``idx`` decoded under ``train_transform`` (the split's own
+        transform is left as it was)."""
+        ds, eval_t = self.train_set, self.train_set.transform
+        ds.transform = self.train_transform()
+        try:
+            return [ds[i] for i in idx]
+        finally:
+            ds.transform = eval_t
 
     # -- metadata ---------------------------------------------------------------------------
     def _split_dir(self, split: str) -> Path:
@@ -139,6 +216,14 @@ class ImageFolderData(BaseDataModule):
         return d
 
     def meta(self) -> dict:
+        classes = self._check_tree()
+        h, w = self._size() or (self.DEFAULT_SIZE,) * 2
+        s = h if h == w else (h, w)
+        self.num_classes, self.in_chans = len(classes), 3
+        return {"num_classes": len(classes), "in_chans": 3, "img_size": s}
+
+    def _check_tree(self) -> List[str]:
+        """The class names of train/, after checking the folder layout (one ConfigError line)."""
         exts = _extensions()
         train, val = self._split_dir("train"), self._split_dir("val")
         classes = _class_dirs(train)
@@ -155,9 +240,7 @@ class ImageFolderData(BaseDataModule):
             if not _has_image(d, exts):
                 raise ConfigError(f"no images ({', '.join(exts)}) under {d}")
         self.classes = classes
-        s = self.cfg.img_size
-        self.num_classes, self.in_chans = len(classes), 3
-        return {"num_classes": len(classes), "in_chans": 3, "img_size": s}
+        return classes
 
     def _load(self) -> Tuple[Dataset, Dataset]:
         from torchvision.datasets.folder import make_dataset
@@ -195,3 +278,4 @@ class ImageNetData(ImageFolderData):
     """ILSVRC-2012 in class-folder layout (``train/n01440764/...``, ``val/n01440764/...``)."""
 
     Config = ImageNetConfig
+    OWN_SIZE = False  # ImageNet's images differ in size: the model's input size serves

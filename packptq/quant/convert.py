@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from packptq.config import ConfigError
 from packptq.quant.modules import QAttention, QuantLayer, QWindowAttention
-from packptq.quant.quantizer import ActQuantizer, WeightQuantizer
+from packptq.quant.quantizer import RANGE_GRIDS, ActQuantizer, UniformQuantizer, WeightQuantizer
 
 log = logging.getLogger("packptq")
 
@@ -33,6 +33,10 @@ def _eval_identity() -> tuple:
 _EVAL_IDENTITY = _eval_identity()
 
 
+#: activation range initialisations (``quant.act_init``, ``calibrate``)
+ACT_INITS = ("fp_all", "quantized_batch")
+
+
 @dataclass
 class QuantConfig:
     w_bits: int = 4
@@ -44,6 +48,15 @@ class QuantConfig:
     attn_prob: str = "uniform"  # uniform | log2 (post-softmax quantizer)
     quant_attn: bool = True  # quantize both operands of the attention matmuls
     ln_reparam: bool = False  # RepQ-ViT post-LayerNorm reparameterisation (packptq.quant.vit)
+    # clipping ratios of the MSE range search, weights and activations (quantizer.RANGE_GRIDS):
+    # full (1.0 ... 0.0125) | official (1.00 ... 0.21, the official Pack-PTQ code's)
+    range_grid: str = "full"
+    # activation range initialisation: fp_all (every calibration image, activations observed in
+    # FP, weights quantized) | quantized_batch (the official code's: the first act_init_batch
+    # calibration images in one forward with every quantizer active, each activation quantizer
+    # fitted to the already-quantized input it receives)
+    act_init: str = "fp_all"
+    act_init_batch: int = 32  # images of the quantized_batch init (profile=official: recon.batch_size)
 
     def __post_init__(self) -> None:
         for k in ("w_bits", "a_bits"):
@@ -59,6 +72,12 @@ class QuantConfig:
                 raise ConfigError(f"quant.{k}={getattr(self, k)}; use mse|minmax")
         if self.attn_prob not in ("uniform", "log2"):
             raise ConfigError(f"quant.attn_prob={self.attn_prob}; use uniform|log2")
+        if self.range_grid not in RANGE_GRIDS:
+            raise ConfigError(f"quant.range_grid={self.range_grid}; use {'|'.join(RANGE_GRIDS)}")
+        if self.act_init not in ACT_INITS:
+            raise ConfigError(f"quant.act_init={self.act_init}; use {'|'.join(ACT_INITS)}")
+        if self.act_init_batch < 1:
+            raise ConfigError(f"quant.act_init_batch={self.act_init_batch} must be >= 1")
         if self.ln_reparam and self.act_placement != "input":
             raise ConfigError("quant.ln_reparam=true folds the quantizer on a Linear's input, which "
                               "act_placement=output does not have; use quant.act_placement=input")
@@ -189,10 +208,14 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
             if name not in called:
                 kept.append(name)
                 continue
-            _replace(model, name, QuantLayer(m, cfg.w_bits, cfg.a_bits, cfg.act_placement, cfg.w_range))
+            _replace(model, name, QuantLayer(m, cfg.w_bits, cfg.a_bits, cfg.act_placement, cfg.w_range,
+                                             cfg.range_grid))
     if kept:
         log.info("%d Conv/Linear layers are not called as modules (their weights are used by functions) and stay "
                  "in floating point: %s", len(kept), kept[:6])
+    for m in model.modules():  # activation ranges are searched later (calibrate), on this grid
+        if isinstance(m, UniformQuantizer):
+            m.grid = cfg.range_grid
     for p in model.parameters():
         p.requires_grad_(False)
     order = execution_order(model, example)
@@ -208,6 +231,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
             m.set_bits(cfg.first_last_bits, cfg.first_last_bits)
     model.packptq_first_last = (order[0], order[-1])
     model.packptq_quant_cfg = cfg  # calibrate reads ln_reparam from it
+    model.packptq_example_shape = list(example.shape)  # export rebuilds the conversion with it
     return model
 
 
@@ -232,9 +256,15 @@ def quant_layers(model: nn.Module) -> List[Tuple[str, QuantLayer]]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: str = "mse",
-              progress: bool = False) -> None:
-    """Initialise every activation quantizer from the calibration inputs ``x`` [n, ...]: one
-    pass with weights quantized and activations observed in FP, then an MSE range search.
+              progress: bool = False, init: str = "fp_all", init_batch: int = 32) -> None:
+    """Initialise every activation quantizer from the calibration inputs ``x`` [n, ...].
+
+    ``init="fp_all"``: one pass over all of ``x`` (in batches of ``batch_size``) with weights
+    quantized and activations observed in FP, then an MSE range search per quantizer on a
+    subsample of what it saw. ``init="quantized_batch"`` (the official Pack-PTQ code's): one
+    forward of the first ``init_batch`` inputs with every quantizer active; each activation
+    quantizer fits its range to the whole input it receives, which upstream quantizers,
+    initialised earlier in the same forward, have already quantized (``init_in_forward``).
 
     With ``quant.ln_reparam`` (read from the config ``quantize_model`` left on the model), a
     first pass fits per-channel ranges to the post-LayerNorm activations and folds them into
@@ -246,23 +276,48 @@ def calibrate(model: nn.Module, x: torch.Tensor, batch_size: int = 64, method: s
 
         model.packptq_ln_ranges = ln_reparameterize(model, x, batch_size, method)
     aqs = [m for _, m in act_quantizers(model)]
-    for m in aqs:
-        m.observing, m._samples = True, []
     device = next(model.parameters()).device
-    starts = range(0, len(x), batch_size)
-    bar = tqdm(total=len(starts) + len(aqs), desc="calibrate", unit="step", disable=not progress,
-               dynamic_ncols=True, leave=False)
-    for i in starts:
-        model(x[i:i + batch_size].to(device))
-        bar.update(1)
-    for m in aqs:
-        m.finish_observing(method)
-        bar.update(1)
-    bar.close()
+    if init == "quantized_batch":
+        init_in_forward(model, x[:init_batch].to(device), method)
+    elif init == "fp_all":
+        for m in aqs:
+            m.observing, m._samples = True, []
+        starts = range(0, len(x), batch_size)
+        bar = tqdm(total=len(starts) + len(aqs), desc="calibrate", unit="step", disable=not progress,
+                   dynamic_ncols=True, leave=False)
+        for i in starts:
+            model(x[i:i + batch_size].to(device))
+            bar.update(1)
+        for m in aqs:
+            m.finish_observing(method)
+            bar.update(1)
+        bar.close()
+    else:
+        raise ValueError(f"unknown activation init '{init}'; known: {', '.join(ACT_INITS)}")
     for name, (s, z) in (getattr(model, "packptq_ln_ranges", None) or {}).items():
         q = model.get_submodule(name).q
         q.scale.data.copy_(s)
         q.zero_point.copy_(z)
+
+
+@torch.no_grad()
+def init_in_forward(model: nn.Module, x: torch.Tensor, method: str = "mse") -> None:
+    """One forward of the batch ``x`` in which every activation quantizer, when first called,
+    fits its range to its whole input (``ActQuantizer.init_on``) and then quantizes it: each
+    quantizer sees the activations of a network whose upstream quantizers are all active."""
+    done = set()
+
+    def pre_hook(m: ActQuantizer, args) -> None:
+        if id(m) not in done:
+            done.add(id(m))
+            m.init_on(args[0], method)
+
+    handles = [m.register_forward_pre_hook(pre_hook) for _, m in act_quantizers(model)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def set_quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> None:

@@ -20,13 +20,13 @@ class QuantLayer(nn.Module):
     input or output activation depending on ``placement``."""
 
     def __init__(self, layer: nn.Module, w_bits: int, a_bits: int, placement: str = "input",
-                 w_method: str = "mse") -> None:
+                 w_method: str = "mse", range_grid: str = "full") -> None:
         super().__init__()
         if placement not in ("input", "output"):
             raise ValueError(f"act placement must be 'input' or 'output', got {placement}")
         self.layer = layer
         self.placement = placement
-        self.wq = WeightQuantizer(layer.weight.detach(), w_bits, w_method)
+        self.wq = WeightQuantizer(layer.weight.detach(), w_bits, w_method, range_grid)
         self.aq = ActQuantizer(a_bits)
         self.act_enabled = True  # False for the network-input layer (input placement)
 

@@ -35,14 +35,32 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int
 #: the range (docs/decisions.md)
 RANGE_NORM = 2.4
 
+#: the clipping ratios of the MSE range search (``quant.range_grid``), largest first. ``full``:
+#: 80 ratios 1.0, 0.9875, ..., 0.0125 (down to 1/80 of the range: heavy-tailed activations may
+#: need a range far below their maximum). ``official``: the official Pack-PTQ code's 80 ratios
+#: 1.00, 0.99, ..., 0.21
+RANGE_GRIDS = {
+    "full": tuple(1.0 - i / 80 for i in range(80)),
+    "official": tuple(1.0 - i * 0.01 for i in range(80)),
+}
+
+
+def range_ratios(grid: str) -> tuple:
+    """The clipping ratios of the named grid (a ``RANGE_GRIDS`` key)."""
+    if grid not in RANGE_GRIDS:
+        raise ValueError(f"unknown range grid '{grid}'; known: {', '.join(RANGE_GRIDS)}")
+    return RANGE_GRIDS[grid]
+
 
 @torch.no_grad()
 def search_range(x: torch.Tensor, bits: int, ch_axis: Optional[int] = None, method: str = "mse",
-                 grid: int = 80, p: float = RANGE_NORM) -> tuple[torch.Tensor, torch.Tensor]:
+                 grid: str = "full", p: float = RANGE_NORM) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose (scale, zero_point) for ``x``: per channel along ``ch_axis`` or per tensor.
 
-    ``minmax`` uses the full range; ``mse`` shrinks [min, max] by ratios in (0, 1] and keeps, per
-    channel, the one with the least Lp reconstruction error. Returns tensors of shape [C] (or [])."""
+    ``minmax`` uses the full range; ``mse`` shrinks [min, max] by the ratios of ``grid`` (a
+    ``RANGE_GRIDS`` name) and keeps, per channel, the one with the least Lp reconstruction error.
+    Returns tensors of shape [C] (or [])."""
+    ratios = range_ratios(grid)
     qmax = 2 ** bits - 1
     x = x.detach().float()
     if ch_axis is not None:
@@ -62,8 +80,7 @@ def search_range(x: torch.Tensor, bits: int, ch_axis: Optional[int] = None, meth
     elif method == "mse":
         best_err = torch.full_like(lo, float("inf"))
         best_s, best_z = params(1.0)
-        for i in range(grid):
-            r = 1.0 - i / grid  # 1.0 down to 1/grid
+        for r in ratios:
             s, z = params(r)
             q = (torch.clamp(torch.round(xc / s[:, None]) + z[:, None], 0, qmax) - z[:, None]) * s[:, None]
             err = (q - xc).abs().pow(p).mean(dim=1)
@@ -94,13 +111,14 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.enabled = True
+        self.grid = "full"  # the MSE search's clipping ratios (RANGE_GRIDS)
 
     @property
     def qmax(self) -> int:
         return 2 ** self.bits - 1
 
     def init_from(self, x: torch.Tensor, method: str = "mse") -> None:
-        s, z = search_range(x, self.bits, self.ch_axis, method)
+        s, z = search_range(x, self.bits, self.ch_axis, method, self.grid)
         self.scale = nn.Parameter(s.to(self.scale.device), requires_grad=self.learn_scale)
         self.zero_point = z.to(self.zero_point.device)
         self.initialized.fill_(True)
@@ -206,6 +224,17 @@ class ActQuantizer(nn.Module):
             return torch.where(keep_fp, x, xq)
         return xq
 
+    @torch.no_grad()
+    def init_on(self, x: torch.Tensor, method: str = "mse") -> None:
+        """Fit the range to all of ``x`` (one batch of activations); a subsample of it is kept
+        for later re-fits (``set_bits``)."""
+        self.elems_per_sample.fill_(x[0].numel() if x.dim() > 0 else 1)
+        flat = x.detach().float().reshape(-1)
+        self.q.init_from(flat, method)
+        if flat.numel() > self.sample_cap:
+            flat = flat[torch.randperm(flat.numel(), device=flat.device)[: self.sample_cap]]
+        self._samples = [flat.cpu()]
+
     def finish_observing(self, method: str = "mse") -> None:
         self.observing = False
         if self._samples:
@@ -307,13 +336,14 @@ class WeightQuantizer(nn.Module):
 
     zeta, gamma = ZETA, GAMMA
 
-    def __init__(self, weight: torch.Tensor, bits: int, method: str = "mse") -> None:
+    def __init__(self, weight: torch.Tensor, bits: int, method: str = "mse", grid: str = "full") -> None:
         super().__init__()
         self.bits = int(bits)
         self.method = method
+        self.grid = grid  # the MSE search's clipping ratios (RANGE_GRIDS)
         self.mode = "nearest"
         self.enabled = True
-        s, z = search_range(weight, bits, 0, method)
+        s, z = search_range(weight, bits, 0, method, grid)
         self.register_buffer("scale", s)
         self.register_buffer("zero_point", z)
         self.alpha: Optional[nn.Parameter] = None
@@ -324,7 +354,7 @@ class WeightQuantizer(nn.Module):
 
     def set_bits(self, bits: int, weight: torch.Tensor) -> None:
         self.bits = int(bits)
-        s, z = search_range(weight, self.bits, 0, self.method)
+        s, z = search_range(weight, self.bits, 0, self.method, self.grid)
         self.scale.copy_(s)
         self.zero_point.copy_(z)
         self.alpha = None

@@ -114,7 +114,7 @@ def ln_reparameterize(model: nn.Module, x: torch.Tensor, batch_size: int = 64, m
         if lin in padded or not rows[lin]:
             continue
         norm, layer = model.get_submodule(norm_name), model.get_submodule(lin)
-        s, z = search_range(torch.cat(rows[lin]), layer.aq.bits, ch_axis=1, method=method)
+        s, z = search_range(torch.cat(rows[lin]), layer.aq.bits, ch_axis=1, method=method, grid=layer.aq.q.grid)
         ranges[f"{lin}.aq"] = fold_channel_ranges(norm, layer, s, z, min_ratio)
         folded.append((norm_name, lin))
     model.packptq_ln_folded = folded

@@ -297,6 +297,8 @@ class ReconSequence:
         name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
         self._bar.set_postfix_str(f"{u.key} ({i + 1}/{len(self.units)})")
         ucfg = replace(self.cfg, iters=unit_iters(u, self.cfg))
+        if self.cfg.drop_units == "packs" and u.layer is not None:  # no QDrop outside the packs
+            ucfg = replace(ucfg, drop_prob=1.0)
         done = self._bar.n
         if rd.has(name):
             saved = rd.load_pt(name)

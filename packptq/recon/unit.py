@@ -16,11 +16,16 @@ import lightning as L
 import torch
 from torch import nn
 
-from packptq.config import ConfigError
+from packptq.config import ConfigError, RunFailure
 from packptq.runtime import TRAINER_DEFAULTS, release_freed_memory, reuse_freed_memory, step_bar
 from packptq.quant.convert import freeze
 from packptq.quant.quantizer import ActQuantizer, SoftRound, WeightQuantizer
 from packptq.recon.cache import MODES, ActivationCache, parse_bytes
+
+
+#: ``recon.drop_units`` and ``recon.loss_reduction`` choices
+DROP_UNITS = ("all", "packs")
+LOSS_REDUCTIONS = ("channel", "axis1")
 
 
 @dataclass
@@ -38,6 +43,13 @@ class ReconConfig:
     warmup: float = 0.2  # fraction of iterations without the rounding regulariser
     drop_prob: float = 0.5  # QDrop: probability of taking the quantized input element
     drop_inside: bool = False  # also drop inside the unit (QDrop's activation drop)
+    # which units mix their input (QDrop): all | packs (units made of blocks only; single prefix,
+    # suffix and layer units take the quantized input as it is: the official Pack-PTQ code's)
+    drop_units: str = "all"
+    # the reconstruction loss's sum axis: channel (the unit output's channel axis: 1 for a conv
+    # feature map, last for a Linear's [B, T, C]) | axis1 (axis 1 whatever it holds: the official
+    # code's (out - target)^2 .sum(1).mean(), which sums tokens of a ViT block's [B, T, C])
+    loss_reduction: str = "channel"
     learn_act: bool = True
     adaround: bool = True
     # where each unit's activation cache lives (packptq/recon/cache.py): keep (float32 in memory),
@@ -59,6 +71,10 @@ class ReconConfig:
             raise ConfigError(f"recon.batch_size={self.batch_size} must be >= 1")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ConfigError(f"recon.drop_prob={self.drop_prob} must be in [0, 1]")
+        if self.drop_units not in DROP_UNITS:
+            raise ConfigError(f"recon.drop_units={self.drop_units}; use {'|'.join(DROP_UNITS)}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"recon.loss_reduction={self.loss_reduction}; use {'|'.join(LOSS_REDUCTIONS)}")
         if self.cache_mode not in ("auto",) + MODES:
             raise ConfigError(f"recon.cache_mode={self.cache_mode}; use {'|'.join(('auto',) + MODES)}")
         parse_bytes(self.cache_budget)
@@ -125,7 +141,7 @@ def _per_channel(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rec_loss(out: torch.Tensor, target: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """Squared error summed over channels, averaged over batch and the remaining positions."""
+    """Squared error summed over axis ``channel_dim``, averaged over the other axes."""
     return (out - target).pow(2).sum(dim=channel_dim).mean()
 
 
@@ -219,7 +235,7 @@ class UnitReconstruction(L.LightningModule):
             x = q_in
         b = self.beta(step) if self.wqs else None
         out, reg = self._forward(x, b)
-        rec = rec_loss(out, fp_out, self.channel_dim)
+        rec = rec_loss(out, fp_out, 1 if self.cfg.loss_reduction == "axis1" else self.channel_dim)
         loss = rec
         if b is not None:
             loss = loss + self.cfg.reg_lambda * reg
@@ -342,7 +358,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     release_freed_memory()
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        raise ConfigError(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
+        raise RunFailure(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
                           f"{len(losses)}; the finished units are kept in the run directory. Lower recon.w_lr "
                           f"/ recon.a_lr or check the calibration data")
     return losses

@@ -2,6 +2,7 @@
 and checkpoint loading."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -77,11 +78,44 @@ def build_timm(cfg: ModelConfig, meta: dict) -> nn.Module:
     if not cfg.pretrained:
         return timm.create_model(cfg.name, **kw)
     try:
-        return timm.create_model(cfg.name, pretrained=True, **kw)
+        with _hub_cache_only(not _hub_reachable()):
+            return timm.create_model(cfg.name, pretrained=True, **kw)
     except (OSError, RuntimeError, ValueError) as exc:  # hub unreachable, weights not in the local cache
         raise ConfigError(f"model.pretrained=true: timm could not get {cfg.name}'s pretrained weights "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); offline, give "
                           f"model.checkpoint=PATH, or model.pretrained=false to train on the data") from None
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a connection within ``timeout`` seconds (always True
+    behind a proxy, which a direct connection cannot judge)."""
+    import os
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_cache_only(offline: bool):
+    """huggingface_hub reads only its local cache while ``offline``: unreachable, it would retry
+    the download for about a minute before giving up."""
+    if not offline:
+        yield
+        return
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
 
 
 def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
