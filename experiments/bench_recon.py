@@ -195,7 +195,7 @@ def lightning_run(chain_q, cache, rcfg, seed, channel_dim, trainer_kwargs):
     clock = StepClock()
     kw = dict(trainer_kwargs, callbacks=[clock])
     t0 = now()
-    losses = reconstruct_unit(unit, cache, rcfg, "bench", seed, channel_dim, kw)
+    losses = reconstruct_unit(unit, cache, rcfg, UnitRun("bench", seed, channel_dim, kw))
     return losses, clock.t, since(t0)
 
 

@@ -127,3 +127,15 @@ PACKING.register("hessian")(PackingPolicy(form=lambda names, scores, cfg, seed: 
                                           needs_scores=True))
 PACKING.register("random")(PackingPolicy(form=_random_packs, needs_scores=True, reads=("seed",)))
 PACKING.register("manual")(PackingPolicy(form=_manual, required=("packs",), reads=("packs",)))
+
+
+def run(ctx, cfg: PackingConfig, names: List[str], scores: Optional[Sequence[float]]) -> List[List[int]]:
+    """The pack phase (``ctx``: the run's ``context.RunContext``): the packs of ``cfg.policy``
+    over the blocks ``names`` (``scores``: S per block, or None), recorded in ``packs.json``
+    (on resume they must equal the stored ones)."""
+    with ctx.phase("pack", precision=False):
+        packs = make_packs(cfg, names, scores, ctx.seed)
+        ctx.rd.record("packs.json", {"policy": cfg.policy, "packs": [[names[i] for i in p] for p in packs]})
+        ctx.log_table("packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)]
+                                                            for j, p in enumerate(packs)])
+    return packs

@@ -142,3 +142,26 @@ def hessian_scores(fp_split, q_split, x: torch.Tensor, y: torch.Tensor, loss: st
         omega.append(o)
         h = forward_all(fp_blocks[b], h, batch_size, device)
     return {"names": fp_split.block_names, "S": S, "omega": omega, "loss": loss}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The score phase's output: block ``names``, S_b and omega_b per block, the score ``loss``."""
+
+    names: List[str]
+    S: List[float]
+    omega: List[float]
+    loss: str
+
+
+def run(ctx, loss: str, twins, x: torch.Tensor, y: torch.Tensor) -> Scores:
+    """The score phase (``ctx``: the run's ``context.RunContext``; ``twins``: ``twins.Twins``):
+    ``hessian_scores`` of every block with ``loss`` (``packing.loss``) on the calibration
+    inputs ``x`` and labels ``y``, written to ``scores.json`` once and read back on resume."""
+    with ctx.phase("score"):
+        rec = ctx.rd.cached_json("scores.json", lambda: hessian_scores(
+            twins.fsplit, twins.qsplit, x, y, loss, batch_size=ctx.batch_size, device=ctx.device,
+            progress=ctx.progress))
+        s = Scores(rec["names"], rec["S"], rec["omega"], rec["loss"])
+        ctx.log_table("packing/scores", ["block", "S", "omega"], [list(r) for r in zip(s.names, s.S, s.omega)])
+    return s

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_cfg, tiny_overrides
-from packptq import fp, pipeline
+from packptq import calibration, fp, pipeline
 from packptq.config import ConfigError
 
 
@@ -244,14 +244,15 @@ def test_nonfinite_unit_loss_stops_naming_unit_and_step(tmp_path, trained_tiny, 
 def test_fp_model_near_chance_is_refused_before_quantizing(tmp_path, monkeypatch):
     monkeypatch.setattr(fp, "obtain", lambda model, *a, **k: model.eval())  # the untrained network
     calls = []
-    monkeypatch.setattr(pipeline, "calibrate_twins", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(calibration, "calibrate_twins", lambda *a, **k: calls.append(1))
     refuse(tmp_path / "run", [], r"FP model's top-1 is .* near chance \(10.00% for 10 classes\)")
     assert not calls
 
 
-def test_near_chance_given_weights_warn(capsys):
+def test_near_chance_given_weights_warn(packptq_log):
     fp.check_not_chance(9.0, 10, trained_here=False, where=None)
-    assert "packptq: warning: the FP model's top-1 is 9.00%" in capsys.readouterr().err
+    (rec,) = packptq_log.records
+    assert rec.levelname == "WARNING" and rec.getMessage().startswith("the FP model's top-1 is 9.00%")
     fp.check_not_chance(50.0, 10, trained_here=True, where="x")  # well above chance: silent
     with pytest.raises(ConfigError, match="delete x to retrain"):
         fp.check_not_chance(9.0, 10, trained_here=True, where="x")

@@ -18,11 +18,11 @@ def _unit_records(run_dir):
     return [json.loads(p.read_text()) for p in sorted(run_dir.glob("unit_*.json"))]
 
 
-def test_every_unit_records_predicted_and_measured_seconds(trained_tiny, tmp_path, capsys):
+def test_every_unit_records_predicted_and_measured_seconds(trained_tiny, tmp_path, packptq_log):
     from packptq import pipeline
 
     res = pipeline.run(tiny_cfg(tmp_path, "packing=block"))
-    out = capsys.readouterr().out
+    out = packptq_log.text
     recs = _unit_records(tmp_path)
     assert [r["key"] for r in recs] == res["unit_keys"] and len(recs) > 3
     assert "recon: predicted" in out and f"for {len(recs)} unit(s)" in out
@@ -34,15 +34,16 @@ def test_every_unit_records_predicted_and_measured_seconds(trained_tiny, tmp_pat
     assert all(r["n_weights"] > 0 for r in packs)
 
 
-def test_predict_false_runs_no_probe_and_the_probe_changes_no_result(trained_tiny, tmp_path, capsys, monkeypatch):
+def test_predict_false_runs_no_probe_and_the_probe_changes_no_result(trained_tiny, tmp_path, packptq_log,
+                                                                    monkeypatch):
     from packptq import pipeline
     from packptq.recon import cost
 
     with_probe = pipeline.run(tiny_cfg(tmp_path / "on", "recon.iters=4"))
     monkeypatch.setattr(cost, "predict_costs", lambda *a, **k: pytest.fail("probe ran with recon.predict=false"))
-    capsys.readouterr()
+    packptq_log.clear()
     without = pipeline.run(tiny_cfg(tmp_path / "off", "recon.predict=false", "recon.iters=4"))
-    assert "recon: predicted" not in capsys.readouterr().out
+    assert "recon: predicted" not in packptq_log.text
     for r in _unit_records(tmp_path / "off"):
         assert r["seconds"] > 0 and "predicted_seconds" not in r
     # the probe leaves the random streams alone: the same losses and accuracy either way

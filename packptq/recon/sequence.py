@@ -11,6 +11,7 @@ first unit (``plan_cache``: size and mode per unit, ``recon.cache_mode`` / ``rec
 and built in stores of its mode (``packptq.recon.cache``)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -20,15 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from packptq.artifacts import RunDir
 from packptq.config import ConfigError
+from packptq.context import RunContext
 from packptq.quant import QuantLayer, freeze
 from packptq.recon import cost
 from packptq.recon.cache import (ActivationCache, CachePlan, FileStore, MakeStore, MemStore, capture_batch,
                                  capture_into, choose_modes, device_free_bytes, forward_into, human, parse_bytes,
                                  plan_table, store_maker)
-from packptq.recon.unit import ReconConfig, reconstruct_unit
+from packptq.recon.unit import ReconConfig, UnitRun, reconstruct_unit
 from packptq.twins import Twins
+
+log = logging.getLogger("packptq")
 
 #: what a reconstruction unit is made of (a packing policy's ``units``)
 UNIT_KINDS = ("none", "layers", "packs")
@@ -135,18 +138,37 @@ class _Chain(nn.Sequential):
 
 # -- the loop -------------------------------------------------------------------------------
 @dataclass
-class ReconSequence:
-    """Fits ``units`` of ``twins`` in order over the calibration inputs ``x`` [n, ...]."""
+class ReconResult:
+    """The recon phase's output: the ``units`` in order and {unit key: per-step losses}."""
 
+    units: List[Unit]
+    losses: Dict[str, List[float]]
+
+
+def run(ctx: RunContext, cfg: ReconConfig, kind: str, packs: List[List[int]], twins: Twins,
+        x: torch.Tensor) -> ReconResult:
+    """The recon phase: the units of ``kind`` (the packing policy's ``units``) over ``packs``,
+    fitted in order on the calibration inputs ``x`` [n, ...] (``ReconSequence``); each unit's
+    fit runs under its Trainer's precision."""
+    units = plan_units(kind, packs, twins)
+    with ctx.phase("recon", precision=False):
+        return ReconResult(units, ReconSequence(ctx, twins, units, cfg).run(x))
+
+
+@dataclass
+class ReconSequence:
+    """Fits ``units`` of ``twins`` in order over the calibration inputs ``x`` [n, ...];
+    ``ctx`` gives the run directory, seed, forward batch size (cache building), trainer
+    settings, logger and progress bar."""
+
+    ctx: RunContext
     twins: Twins
     units: List[Unit]
     cfg: ReconConfig
-    rd: RunDir
-    seed: int
-    batch_size: int  # forward passes that build the caches
-    trainer_kwargs: dict
-    logger: object = None
-    progress: bool = True
+
+    @property
+    def rd(self):
+        return self.ctx.rd
 
     def run(self, x: torch.Tensor) -> Dict[str, List[float]]:
         """Reconstruct every unit; returns {unit key: per-step losses} (loaded units read their
@@ -158,11 +180,11 @@ class ReconSequence:
         t.qmodel.to(dev)
         t.fp.to(dev)
         self.plans = self.plan_cache(x)  # an impossible cache budget stops here
-        self._costs = cost.announce(self, x) if self.cfg.predict else {}  # printed before the bar
+        self._costs = self._announce(x) if self.cfg.predict else {}  # logged before the bar
         # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
         total = sum(unit_iters(u, self.cfg) for u in self.units)
         self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
-                         disable=not self.progress, dynamic_ncols=True)
+                         disable=not self.ctx.progress, dynamic_ncols=True)
         self._step_offset = 0
         scratch = self.rd / CACHE_DIR
         shutil.rmtree(scratch, ignore_errors=True)  # files of a killed run
@@ -238,10 +260,23 @@ class ReconSequence:
         budget = parse_bytes(self.cfg.cache_budget)
         choose_modes(plans, self.cfg.cache_mode, budget, self.cfg.batch_size,
                      shutil.disk_usage(self.rd.path).free, device_free_bytes(dev))
-        print(f"[packptq] recon cache: recon.cache_mode={self.cfg.cache_mode}, recon.cache_budget="
-              f"{'null' if budget is None else human(budget)}; per unit (mode, memory):")
-        print("\n".join(plan_table(plans, self.cfg.batch_size)), flush=True)
+        log.info("\n".join([f"recon cache: recon.cache_mode={self.cfg.cache_mode}, recon.cache_budget="
+                            f"{'null' if budget is None else human(budget)}; per unit (mode, memory):",
+                            *plan_table(plans, self.cfg.batch_size)]))
         return plans
+
+    def _announce(self, x: torch.Tensor) -> Dict[str, "cost.UnitCost"]:
+        """Predict the units that have no ``unit_XX.pt`` yet (``packptq.recon.cost``), log the
+        prediction and send it to the metrics logger (``recon/<unit>/predicted_s``)."""
+        todo = [u for i, u in enumerate(self.units) if not self.rd.has(f"unit_{i:02d}.pt")]
+        if not todo:
+            return {}
+        t0 = time.perf_counter()
+        costs = cost.predict_costs(self.twins, todo, [unit_iters(u, self.cfg) for u in todo], x, self.cfg,
+                                   self.ctx.trainer_kw)
+        log.info("%s", cost.describe(costs, time.perf_counter() - t0))
+        self.ctx.log_metrics({f"recon/{k}/predicted_s": c.seconds for k, c in costs.items()})
+        return costs
 
     def _maker(self, i: int) -> MakeStore:
         """Empty stores of the calibration set's length in the mode of unit ``i`` (``keep``
@@ -252,7 +287,7 @@ class ReconSequence:
 
     def _forward(self, i: int, fn, src):
         """``fn`` over the store ``src``, into a store in the mode of unit ``i``."""
-        return forward_into(fn, src, self.batch_size, self.twins.device, self._maker(i))
+        return forward_into(fn, src, self.ctx.batch_size, self.twins.device, self._maker(i))
 
     def _convert(self, i: int, store):
         """``store`` in the mode of unit ``i``: itself when it already is, else a copy."""
@@ -263,13 +298,14 @@ class ReconSequence:
         else:
             same = mode != "disk" and store.t.dtype == (torch.float16 if mode == "half" else torch.float32) and \
                 (store.t.device.type != "cpu") == bool(p is not None and p.on_device)
-        return store if same else forward_into(lambda h: h, store, self.batch_size, self.twins.device, self._maker(i))
+        return store if same else forward_into(lambda h: h, store, self.ctx.batch_size, self.twins.device,
+                                               self._maker(i))
 
     def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h) -> int:
         """Fit the layer unit ``i``, whose inputs come from running ``q_fn`` / ``f_fn`` (the
         part holding the layer) on the stores ``q_h`` / ``f_h``; returns the next unit's index."""
         ql, fl = self.twins.pair(self.units[i].layer)
-        bs, dev, make = self.batch_size, self.twins.device, self._maker(i)
+        bs, dev, make = self.ctx.batch_size, self.twins.device, self._maker(i)
 
         def cache() -> ActivationCache:
             q_in, _ = capture_into(q_fn, q_h, ql, bs, dev, make, outputs=False)
@@ -312,9 +348,9 @@ class ReconSequence:
             t0 = time.perf_counter()
             cache = make_cache()
             t1 = time.perf_counter()
-            ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
-                                  self.trainer_kwargs, self.logger, self._step_offset,
-                                  self._bar if self.progress else None)
+            ls = reconstruct_unit(module, cache, ucfg, UnitRun(
+                u.key, self.ctx.seed * 1000 + i, channel_dim(module), self.ctx.trainer_kw, self.ctx.logger,
+                self._step_offset, self._bar if self.ctx.progress else None))
             secs = time.perf_counter() - t1
             del cache
             module.to(self.twins.device)
