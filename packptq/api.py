@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -33,10 +34,14 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from packptq.schemas import register
 
     register()
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose with its own instance
-        return hydra_compose(config_name="config", overrides=list(overrides))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    with warnings.catch_warnings():
+        # the user config directory on the search path is optional: Hydra warns on every compose
+        # while it does not exist
+        warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose with its own instance
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def quantize(model: nn.Module, calib_data: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],

@@ -227,16 +227,20 @@ def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
 # ---------------------------------------------------------------------------------------------
 # the allocators
 # ---------------------------------------------------------------------------------------------
-def _register(cls):
-    ALLOCATORS.register(cls.name)(cls())
-    return cls
+def allocator(name: str) -> Callable[[type], type]:
+    """Register one instance of the ``Allocator`` subclass it decorates as ``mp.policy=name``."""
+
+    def make(cls: type) -> Allocator:
+        cls.name = name
+        return cls()
+
+    return ALLOCATORS.register(name, make=make)
 
 
-@_register
+@allocator("none")
 class NoneAllocator(Allocator):
     """Every pack at the target bits; the pipeline keeps the quant config's bits everywhere."""
 
-    name = "none"
     takes_candidates = False
     sets_bits = False
 
@@ -247,12 +251,11 @@ class NoneAllocator(Allocator):
         return _finalize(p, [p.target_bits] * len(p.sizes), None, None)
 
 
-@_register
+@allocator("budget")
 class BudgetAllocator(Allocator):
     """Exact minimum-cost allocation with average weight bits <= avg_bits (``solve_mckp``).
     Default candidates: [target-1, target, target+1] clipped to 2..8."""
 
-    name = "budget"
     reads_avg_bits = True
 
     def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
@@ -298,7 +301,7 @@ class BudgetAllocator(Allocator):
 OFFICIAL_CHOICES = {3: (2, 3, 4), 4: (3, 4, 6), 6: (4, 6, 8)}
 
 
-@_register
+@allocator("official")
 class OfficialAllocator(Allocator):
     """The official Pack-PTQ rule (its ``mixed_precision.py``), point by point:
 
@@ -317,7 +320,6 @@ class OfficialAllocator(Allocator):
     6. a pack's activations take its bits (``mp.acts=follow``).
     Without activation counts (``acts`` not given) storage is weights alone."""
 
-    name = "official"
     sensitivity = "omega"
     pack_omega = "mean"
     score_loss = "official"
