@@ -33,7 +33,7 @@ from packptq.calibration import calibrate_twins
 from packptq.evaluate import forward_all
 from packptq.quant import QuantConfig
 from packptq.recon.cost import predict_costs
-from packptq.recon.sequence import Unit, _Chain, channel_dim
+from packptq.recon.sequence import Chain, Unit, channel_dim
 from packptq.recon.unit import ActivationCache, ReconConfig, UnitRun, reconstruct_unit
 from packptq.runtime import device_of, quiet_lightning
 from packptq.twins import Twins
@@ -111,7 +111,7 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
         while b < u.blocks[0]:  # earlier blocks stay at their calibrated (RTN) state
             q_h, f_h = forward_all(qb[b], q_h, batch_size, dev), forward_all(fb[b], f_h, batch_size, dev)
             b += 1
-        chain_q, chain_f = _Chain(*[qb[i] for i in u.blocks]), _Chain(*[fb[i] for i in u.blocks])
+        chain_q, chain_f = Chain(*[qb[i] for i in u.blocks]), Chain(*[fb[i] for i in u.blocks])
         f_out = forward_all(chain_f, f_h, batch_size, dev)
         cache = ActivationCache(q_h, f_h, f_out)
         n_w = sum(m.layer.weight.numel() for m in chain_q.modules() if hasattr(m, "wq") and hasattr(m, "layer"))

@@ -132,8 +132,13 @@ def channel_dim(unit_module: nn.Module) -> int:
     return -1 if layers and isinstance(layers[-1].layer, nn.Linear) else 1
 
 
-class _Chain(nn.Sequential):
+class Chain(nn.Sequential):
     """Consecutive blocks run as one unit (a pack)."""
+
+
+#: what ``ReconSequence.walk`` calls for each unit: (index, quantized module, FP module,
+#: make_cache) -> None
+Visit = Callable[[int, nn.Module, nn.Module, Callable[[], ActivationCache]], None]
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -176,16 +181,34 @@ class ReconSequence:
         self.losses: Dict[str, List[float]] = {}
         if not self.units:
             return self.losses
-        t, dev = self.twins, self.twins.device
-        t.qmodel.to(dev)
-        t.fp.to(dev)
-        self.plans = self.plan_cache(x)  # an impossible cache budget stops here
+        self._prepare(x)  # an impossible cache budget stops here
         self._costs = self._announce(x) if self.cfg.predict else {}  # logged before the bar
         # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
         total = sum(unit_iters(u, self.cfg) for u in self.units)
         self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
                          disable=not self.ctx.progress, dynamic_ncols=True)
         self._step_offset = 0
+        self.walk(x, self._fit)
+        self._bar.close()
+        self.twins.qmodel.eval()
+        return self.losses
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        t = self.twins
+        t.qmodel.to(t.device)
+        t.fp.to(t.device)
+        self.plans = self.plan_cache(x)
+
+    def walk(self, x: torch.Tensor, visit: Visit) -> None:
+        """Go through the units in order over the calibration inputs ``x`` [n, ...], keeping
+        the quantized-model and FP activations at the current position: for unit ``i``,
+        ``visit(i, q_module, fp_module, make_cache)`` (``make_cache()`` builds its
+        ``ActivationCache`` in the unit's planned mode), then the quantized activations advance
+        through ``q_module`` as ``visit`` left it. ``run``'s visit fits and freezes the unit;
+        any other visit sees every unit with the ones before it as they were (e.g. RTN)."""
+        if getattr(self, "plans", None) is None:
+            self._prepare(x)
+        t, dev = self.twins, self.twins.device
         scratch = self.rd / CACHE_DIR
         shutil.rmtree(scratch, ignore_errors=True)  # files of a killed run
         self._n = len(x)
@@ -193,36 +216,34 @@ class ReconSequence:
         q_h = f_h = MemStore.of(x)
         i = 0
         while i < len(self.units) and self.units[i].segment == "prefix":
-            i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h)
+            i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h, visit)
         q_h, f_h = self._forward(i, t.qsplit.prefix, q_h), self._forward(i, t.fsplit.prefix, f_h)
         qblocks, fblocks = [b for _, b in t.qsplit.blocks], [b for _, b in t.fsplit.blocks]
         while i < len(self.units) and self.units[i].segment == "blocks":
             u = self.units[i]
             if u.layer is None:  # a pack: its FP output is the cache target and the next FP input
-                chain_q, chain_f = _Chain(*[qblocks[b] for b in u.blocks]), _Chain(*[fblocks[b] for b in u.blocks])
+                chain_q, chain_f = Chain(*[qblocks[b] for b in u.blocks]), Chain(*[fblocks[b] for b in u.blocks])
                 if self.plans[i].mode == "recompute":
                     f_out = None
-                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, fp_fn=lambda s: (s, chain_f(s)), device=dev))
+                    visit(i, chain_q, chain_f,
+                          lambda: ActivationCache(q_h, f_h, fp_fn=lambda s: (s, chain_f(s)), device=dev))
                 else:
                     f_out = self._forward(i, chain_f, f_h)
-                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, f_out, device=dev))
+                    visit(i, chain_q, chain_f, lambda: ActivationCache(q_h, f_h, f_out, device=dev))
                 i += 1
                 f_h = self._forward(i, chain_f, f_h) if f_out is None else self._convert(i, f_out)
                 f_out = None
             else:  # the layers of one block, then past the block
                 b = u.blocks[0]
                 while i < len(self.units) and self.units[i].segment == "blocks" and self.units[i].blocks == [b]:
-                    i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h)
+                    i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h, visit)
                 chain_q = qblocks[b]
                 f_h = self._forward(i, fblocks[b], f_h)
             q_h = self._forward(i, chain_q, q_h)
         while i < len(self.units):
-            i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h)
+            i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h, visit)
         del q_h, f_h
         shutil.rmtree(scratch, ignore_errors=True)
-        self._bar.close()
-        t.qmodel.eval()
-        return self.losses
 
     # -- activation caches ----------------------------------------------------------------------
     @torch.no_grad()
@@ -301,7 +322,7 @@ class ReconSequence:
         return store if same else forward_into(lambda h: h, store, self.ctx.batch_size, self.twins.device,
                                                self._maker(i))
 
-    def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h) -> int:
+    def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h, visit: Visit) -> int:
         """Fit the layer unit ``i``, whose inputs come from running ``q_fn`` / ``f_fn`` (the
         part holding the layer) on the stores ``q_h`` / ``f_h``; returns the next unit's index."""
         ql, fl = self.twins.pair(self.units[i].layer)
@@ -314,7 +335,7 @@ class ReconSequence:
             f_in, f_out = capture_into(f_fn, f_h, fl, bs, dev, make)
             return ActivationCache(q_in, f_in, f_out, device=dev)
 
-        self._fit(i, ql, cache)
+        visit(i, ql, fl, cache)
         return i + 1
 
     def _check_unit_file(self, name: str, saved, u: Unit) -> None:
@@ -328,7 +349,8 @@ class ReconSequence:
         if saved.get("fingerprint") != rd.run_fp:
             rd.check_origin(name, saved.get("fingerprint"))
 
-    def _fit(self, i: int, module: nn.Module, make_cache: Callable[[], ActivationCache]) -> None:
+    def _fit(self, i: int, module: nn.Module, _fp_module: nn.Module,
+             make_cache: Callable[[], ActivationCache]) -> None:
         u, rd = self.units[i], self.rd
         name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
         self._bar.set_postfix_str(f"{u.key} ({i + 1}/{len(self.units)})")
