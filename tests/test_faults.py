@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -303,13 +302,22 @@ def test_concurrent_jobs_train_one_fp_model_once(tmp_path, trained_tiny, monkeyp
 
     mcfg = typed(ModelConfig, cfg.model, "model")
     trained = []
+    training, release = threading.Event(), threading.Event()
+    at_lock = threading.Semaphore(0)  # one release per job that reaches the cache entry's lock
+    real_locked = fp._locked
 
-    def fake_train(model, *a, **k):
+    def locked(path):
+        at_lock.release()
+        return real_locked(path)
+
+    def fake_train(model, *a, **k):  # holds the lock until the second job waits on it
         trained.append(threading.get_ident())
-        time.sleep(0.5)
+        training.set()
+        assert release.wait(120)
         model.load_state_dict(model0.state_dict())
 
     monkeypatch.setattr(fp, "_train", fake_train)
+    monkeypatch.setattr(fp, "_locked", locked)
     import copy
 
     out = {}
@@ -318,7 +326,11 @@ def test_concurrent_jobs_train_one_fp_model_once(tmp_path, trained_tiny, monkeyp
         out[i] = fp.train_or_load(copy.deepcopy(model0), dm, mcfg, dm.cfg, tmp_path, {})
 
     threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]
+    threads[0].start()
+    assert training.wait(120)  # the first job trains, holding the lock
+    threads[1].start()
+    assert at_lock.acquire(timeout=120) and at_lock.acquire(timeout=120)  # the second found no entry: it waits
+    release.set()
     [t.join() for t in threads]
     assert len(trained) == 1 and out[0][1] == out[1][1]
     assert sorted(p.name for p in (tmp_path / "fp").iterdir() if not p.name.endswith(".lock")) == \
