@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+import packptq.schemas  # noqa: F401  (the typed bases conf/model/*.yaml extend, as the command line has them)
 from conftest import CONF
 from packptq.config import typed
 from packptq.recon.sequence import channel_dim as _channel_dim
