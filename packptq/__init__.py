@@ -3,7 +3,7 @@
 Python verbs: ``packptq.quantize(model, calib_data, ...)`` (the phases of a run on one's own
 module) and ``packptq.load_quantized(path)`` (a ``packptq-export --format pt`` file)."""
 
-__version__ = "0.1.0"
+from packptq.version import __version__
 
 __all__ = ["quantize", "load_quantized"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -180,3 +181,24 @@ def hash_obj(obj: Any, drop: Optional[tuple] = None) -> str:
     if isinstance(obj, dict) and drop:
         obj = {k: v for k, v in obj.items() if k not in drop}
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable).encode()).hexdigest()[:16]
+
+
+def code_version() -> dict:
+    """The packptq code a result was made with: ``{"version": ..., "commit": ...}``, the commit
+    being the git HEAD of the package's checkout (``+dirty`` with uncommitted changes to tracked
+    files), or None for an installed copy outside git."""
+    from packptq.version import __version__
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"version": __version__, "commit": commit}

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from packptq.context import RunContext, log
+from packptq.quant.quantizer import RANGE_NORM
 
 
 @torch.no_grad()
@@ -127,16 +128,19 @@ def run(ctx: RunContext, model: nn.Module, data: EvalSet, fp_preds: torch.Tensor
     return Metrics(m["top1"], m["agreement"], m.get("val_top1"))
 
 
-def results(ctx: RunContext, settings, fp, rtn: Metrics, ptq, final: Metrics, overrides, seed: int) -> dict:
+def results(ctx: RunContext, settings, fp, rtn: Metrics, ptq, final: Metrics, overrides, seed: int,
+            code: Optional[dict] = None) -> dict:
     """The results.json dict of a run: ``settings`` (``settings.Settings``), ``fp`` (the fp
     phase's ``fp.FPResult``), ``rtn`` and ``final`` (the model after calibration and at the
-    end), ``ptq`` (``pipeline.PTQResult``: scores, packs, bits, units and losses)."""
+    end), ``ptq`` (``pipeline.PTQResult``: scores, packs, bits, units and losses), ``code``
+    (``artifacts.code_version()`` when the run started)."""
     q, p, names, dm = settings.quant, settings.packing, ptq.twins.block_names, fp.data.dm
     sc, acct = ptq.scores, ptq.bits.acct
     return {
         "model": settings.model.name, "data": dm.cfg.name, "seed": int(seed),
         "quant": {k: getattr(q, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
-                                              "a_range", "attn_prob", "quant_attn", "ln_reparam")},
+                                              "a_range", "attn_prob", "quant_attn", "ln_reparam")}
+                 | {"range_norm": RANGE_NORM},
         "packing": {"policy": p.policy, "loss": p.loss},
         "mp": settings.mp.describe() if settings.mp is not None else {"policy": "none"},
         "fp_top1": fp.top1, "rtn_top1": rtn.top1, "quant_top1": final.top1, "agreement": final.agreement,
@@ -151,6 +155,7 @@ def results(ctx: RunContext, settings, fp, rtn: Metrics, ptq, final: Metrics, ov
         "time_s": ctx.times, "fingerprint": ctx.rd.run_fp,
         "calib_fingerprint": dm.fingerprint(), "calib_size": len(fp.x_cal),
         "overrides": list(overrides or []), "config": ctx.config, "run_dir": str(ctx.rd.path),
+        "packptq": code,
     }
 
 

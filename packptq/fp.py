@@ -27,7 +27,7 @@ from packptq.config import ConfigError
 from packptq.context import RunContext, log
 from packptq.evaluate import EvalSet, predict, top1
 from packptq.recon.sequence import check_cache_budget
-from packptq.runtime import TRAINER_DEFAULTS, step_bar
+from packptq.runtime import TRAINER_DEFAULTS, device_of, one_thread, step_bar
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 from packptq.zoo.split import Split
@@ -67,7 +67,7 @@ def fp_cache_key(model_cfg, data_cfg, content: Optional[str] = None, precision: 
     (split seed included), the training samples' content digest ``content`` and the training
     precision; not on the run seed (every PTQ seed starts from the same trained network), the
     evaluation batch size, the calibration choice or the data's location."""
-    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 3}  # v2: BN trains; v3: no decay on norms/biases
+    desc = {"model": asdict(model_cfg), "data": asdict(data_cfg), "v": 4}  # v2: BN trains; v3: no decay on norms/biases; v4: one CPU thread
     for k in ("checkpoint", "pretrained", "strict"):
         desc["model"].pop(k, None)
     for k in _DATA_NOT_IN_KEY:
@@ -182,7 +182,8 @@ def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwarg
     if bar is not None:
         kw["callbacks"] = [*kw.get("callbacks", []), step_bar(bar)]
     model.train()  # build_model returns eval mode; Lightning keeps modes, and BN must train
-    L.Trainer(**kw).fit(module, train_dataloaders=loader)
+    with one_thread(device_of(kw)):  # the same weights at any thread count (runtime.one_thread)
+        L.Trainer(**kw).fit(module, train_dataloaders=loader)
     if bar is not None:
         bar.close()
     model.cpu().eval()

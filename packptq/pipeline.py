@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from packptq import calibration, evaluate, export, fp, mp, packing, recon, scores
+from packptq.artifacts import code_version
 from packptq.config import ConfigError
 from packptq.context import RunContext, log
 from packptq.data import build_datamodule
@@ -57,9 +58,10 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     """Run every phase for ``cfg`` (the composed Hydra config) and return the results dict."""
     if cfg.get("export") not in (None, *export.FORMATS):
         raise ConfigError(f"export={cfg.export}; use {'|'.join(export.FORMATS)} or null")
+    code = code_version()  # the code as loaded now, before a checkout can move under the run
     qz = quantized(cfg, logger)
     final = evaluate.run(qz.ctx, qz.twins.qmodel, qz.fp.data, qz.fp.preds, phase="eval")
-    results = evaluate.results(qz.ctx, qz.settings, qz.fp, qz.rtn, qz.ptq, final, overrides, cfg.seed)
+    results = evaluate.results(qz.ctx, qz.settings, qz.fp, qz.rtn, qz.ptq, final, overrides, cfg.seed, code)
     if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
         results["export"] = export_run(qz, str(cfg.export))
     qz.ctx.rd.write_json("results.json", results)

@@ -152,6 +152,24 @@ def set_threads(threads) -> None:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def one_thread(device: torch.device):
+    """Run the body on one torch thread when ``device`` is the CPU (then restore the count).
+    CPU kernels split reductions (batch sums of gradients, BatchNorm statistics) into one
+    partial sum per thread, so a result trained with 2 threads differs in its last bits from
+    one trained with 1, and training amplifies those bits into different weights; one thread
+    gives the same weights whatever ``threads`` the run has."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
 
 

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "packptq"
 
 #: module (or package prefix) -> layer; a module may import only from its own layer or below
 LAYERS = {
-    "packptq": 0, "packptq.config": 0, "packptq.registry": 0, "packptq.artifacts": 1,
+    "packptq": 0, "packptq.config": 0, "packptq.registry": 0, "packptq.version": 0, "packptq.artifacts": 1,
     "packptq.quant": 2, "packptq.zoo": 2, "packptq.data": 2,
     "packptq.evaluate": 3, "packptq.runtime": 3, "packptq.twins": 3, "packptq.context": 3,
     "packptq.scores": 4, "packptq.packing": 5, "packptq.mp": 4, "packptq.recon": 4, "packptq.fp": 4,

@@ -71,7 +71,7 @@ def test_notebook_runs(report_dir, kernel, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 2  # top-1 vs bits, bits per pack
+    assert len(images) == 3  # top-1 by setting, top-1 vs bits, bits per pack (no per-unit losses)
     tables = [o for o in outputs if "text/html" in o.get("data", {})]
     assert any("±" in o["data"]["text/html"] for o in tables)
 

@@ -91,6 +91,7 @@ def test_results_of_each_policy(policy, policy_run):
     assert on_disk == json.loads(json.dumps(res))  # what run() returns is what it wrote
     assert RESULT_KEYS <= set(res)
     assert QUANT_KEYS <= set(res["quant"])
+    assert res["quant"]["range_norm"] == 2.4 and res["packptq"]["version"]
     assert (res["model"], res["data"], res["seed"]) == ("resnet18", "digits", 0)
     assert res["quant"]["w_bits"] == 4 and res["quant"]["first_last_bits"] == 8
     assert res["packing"]["policy"] == policy and res["mp"]["policy"] == "none" and res["bits"] is None

@@ -78,8 +78,9 @@ def test_collect_flattens_every_run(multirun):
     assert row.n_packs == 3 and row.time_total_s == 12.0
     assert json.loads(row.bits) == [2, 3, 4] and json.loads(row.pack_sizes) == [1, 2, 1]
     assert row.overrides == "seed=1 model=resnet18"
-    # run_dir is where the file is now, not the path recorded when it was written
-    assert Path(row.run_dir) == (multirun / "2025-01-01" / "12-00-01" / "0").resolve()
+    # run_dir is the run's place relative to the directory given, not the path recorded when
+    # it was written: reports made anywhere from the same runs agree
+    assert row.run_dir == "2025-01-01/12-00-01/0"
     assert df[df.packing_policy == "block"].bits.isna().all()
 
 
@@ -93,7 +94,7 @@ def test_collect_counts_a_file_once_and_accepts_files(multirun):
 def test_missing_keys_become_nan(tmp_path, multirun):
     write(tmp_path / "old", {"model": "resnet18", "seed": 0, "quant_top1": 50.0})
     df = report.collect([multirun, tmp_path / "old"])
-    old = df[df.run_dir == str((tmp_path / "old").resolve())].iloc[0]
+    old = df[df.run_dir == "old"].iloc[0]  # two paths given: each run is named under its path
     assert old.quant_top1 == 50.0
     for column in ("w_bits", "packing_policy", "mp_avg_bits", "fp_top1", "n_packs",
                    "time_total_s", "bits"):
@@ -190,16 +191,17 @@ def test_rows_split_by_every_varying_override(tmp_path):
     assert {"top1_by_setting.png", "recon_loss.png"} <= set(out)
     fig = report.plot_top1_by_setting(summary)
     (ax,) = fig.axes
-    assert ax.get_title() == "resnet18 on cifar10, W4A4: by data.calib_size"
+    assert ax.get_title() == "resnet18 on cifar10, W4A4\ntop-1 of each setting, mean ± std over seeds"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["data.calib_size=16", "data.calib_size=64"]
     fig = report.plot_recon_loss(report.load_report(tmp_path / "report")[0])
     (ax,) = fig.axes
-    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-    assert lines == {"data.calib_size=16 (2 runs)": pytest.approx([0.5 / 16, 1 / 16]),
-                     "data.calib_size=64 (2 runs)": pytest.approx([0.5 / 64, 1 / 64])}
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["data.calib_size=16 (2 runs)",
+                                                                   "data.calib_size=64 (2 runs)"]
+    heights = sorted({round(float(seg[0][1]), 8) for c in ax.collections for seg in c.get_segments()})
+    assert heights == pytest.approx(sorted([0.5 / 16, 1 / 16, 0.5 / 64, 1 / 64]))
 
     assert report.main([str(tmp_path), "--out", str(tmp_path / "r2"), "--by", "model"]) == 0
-    assert (tmp_path / "r2" / "summary.md").read_text().count("\n|") == 2  # one row
+    assert len(pd.read_csv(tmp_path / "r2" / "summary.csv")) == 1  # one row
     with pytest.raises(SystemExit, match="nope"):
         report.main([str(tmp_path), "--out", str(tmp_path / "r3"), "--by", "nope"])
 
@@ -232,7 +234,7 @@ def test_write_report_files(multirun, tmp_path):
 
     fig = report.plot_top1_vs_bits(summary)
     (ax,) = fig.axes
-    assert ax.get_xlabel() == "average weight bits" and ax.get_ylabel() == "top-1 (%)"
+    assert ax.get_xlabel() == "average weight bits (achieved)" and ax.get_ylabel() == "top-1 (%)"
     series = {}
     for c in ax.containers:  # one errorbar series per model / packing / mp policy
         line = c.lines[0]
@@ -272,6 +274,166 @@ def test_cli_main(multirun, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no readable results.json"):
         report.main([str(tmp_path / "empty")])
+
+
+# --------------------------------------------------------------------------- records and --check
+def test_records_regenerate_the_report_and_check_names_each_mismatch(multirun, tmp_path, capsys):
+    out = tmp_path / "results" / "sweep"
+    assert report.main([str(multirun), "--out", str(out)]) == 0
+    records = report.read_records(out / "records.json")
+    assert len(records) == 9 and records[0]["run"] == "2025-01-01/12-00-00/0"
+    assert "config" in records[0] and "scores" in records[0]
+    # the report made from the records alone equals the one made from the run directories
+    problems, folders = report.check(tmp_path / "results")
+    assert problems == [] and folders == [out]
+    assert report.main(["--check", str(tmp_path / "results")]) == 0
+
+    md = (out / "summary.md").read_text()
+    (out / "summary.md").write_text(md.replace("63.00", "64.00", 1))  # an edit by hand
+    (out / "notes.md").write_text("typed\n")
+    (out / "recon_loss.png").unlink(missing_ok=True)
+    (out / "top1_vs_bits.png").unlink()
+    problems, _ = report.check(tmp_path / "results")
+    assert len(problems) == 3, problems
+    assert any("summary.md: differs" in p and "64.00" in p for p in problems)
+    assert any("notes.md: not made by packptq-report" in p for p in problems)
+    assert any("top1_vs_bits.png: missing" in p for p in problems)
+    capsys.readouterr()
+    assert report.main(["--check", str(tmp_path / "results")]) == 1
+    assert "summary.md" in capsys.readouterr().err
+    # regenerating a folder from its own records repairs the tables it makes
+    assert report.main([str(out), "--out", str(out)]) == 0
+    (out / "notes.md").unlink()
+    assert report.check(tmp_path / "results")[0] == []
+
+
+def test_code_version_names_the_checkout():
+    from packptq.artifacts import code_version
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    version = code_version()
+    assert version["version"] and version["commit"].split("+")[0] == head.stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    assert version["commit"].endswith("+dirty") == bool(dirty)
+
+
+def test_committed_results_pass_check():
+    """Every report folder under experiments/results/ is what packptq-report makes from the
+    records committed beside it, and the experiments README names no folder that is missing."""
+    problems, folders = report.check(REPO / "experiments" / "results")
+    assert problems == [] and folders
+    readme = (REPO / "experiments" / "README.md").read_text()
+    assert "TODO" not in readme and "Source:" not in readme
+    table = readme.split("### Report folders")[1].split("###")[0]
+    named = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `results/")}
+    assert named and all((REPO / "experiments" / n / "records.json").is_file() for n in named), named
+
+
+def test_settings_header_is_read_from_the_records(tmp_path):
+    for lr, seed, val in ((3e-3, 0, 97.0), (3e-3, 1, 97.5), (3e-2, 0, 98.0), (3e-2, 1, 98.5)):
+        rec = result(seed=seed, top1=90.0 + seed)
+        rec["quant"]["range_norm"] = 2.4
+        rec.update(val_top1=val, val_size=500, calib_size=256, packptq={"version": "0", "commit": "abcdef1234567890"})
+        rec["config"] = {"recon": {"w_lr": lr, "iters": 100}}
+        rec["overrides"] = [f"recon.w_lr={lr}", f"seed={seed}"]
+        write(tmp_path / "runs" / f"lr{lr}s{seed}", rec)
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| range-search error norm | 2.4 |" in md
+    assert "| rounding learning rate (`recon.w_lr`) | 0.003, 0.03 (varies: choose on the validation column" in md
+    assert "| iterations per unit (`recon.iters`) | 100 |" in md and "| seeds | 0, 1 |" in md
+    assert "| first/last layer bits (`quant.first_last_bits`) | 8 |" in md and "packptq commit abcdef123456" in md
+    assert "val top-1 (%)" in md and "97.25 ± 0.35" in md  # validation top-1 beside test top-1
+
+
+def test_group_choices_do_not_repeat_config_columns(tmp_path):
+    for seed in (0, 1):
+        rec = result(policy="block", seed=seed)
+        rec["overrides"] = ["packing=block", "packing.loss=kl", "mp.policy=none", "quant=w4a4",
+                            "quant.a_bits=4", "data.calib_size=64", f"seed={seed}"]
+        write(tmp_path / f"s{seed}", rec)
+    df = report.collect([tmp_path])
+    assert report.override_columns(df) == ["data.calib_size"]
+    assert "packing" not in df.columns and "quant" not in df.columns
+
+
+def test_failed_unfinished_and_unstarted_jobs_are_listed(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    write(sweep / "0", result(seed=0))
+    for job, error in (("1", "Traceback ...\nConfigError: recon.drop_prob=2.0 must be in [0, 1]\n"), ("2", None)):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n- threads=1\n")
+        if error:
+            (sweep / job / "error.txt").write_text(error)
+    (sweep / "multirun.yaml").write_text("hydra:\n  sweeper:\n    params:\n      seed: 0,1,2,3\n"
+                                         "  overrides:\n    task: [threads=1]\n")
+    got = report.gather([sweep])
+    assert [f["run"] for f in got.failed] == ["1", "2", "sweep"]
+    assert got.failed[0] == {"run": "1", "overrides": "seed=1",
+                             "error": "ConfigError: recon.drop_prob=2.0 must be in [0, 1]"}
+    assert got.failed[1]["error"].startswith("unfinished") and "1 of the 4 jobs" in got.failed[2]["error"]
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Failed or missing jobs (3)" in md and "`1` (`seed=1`): ConfigError: recon.drop_prob" in md
+    assert "job 1 left no result" in capsys.readouterr().err
+    assert report.check(tmp_path)[0] == []  # the failures are part of the records
+
+
+def test_reference_numbers_beside_matching_rows(multirun, tmp_path):
+    ref = tmp_path / "ref.csv"
+    ref.write_text("model,data,w_bits,a_bits,method,mp,top1,source\n"
+                   "resnet18,cifar10,3,4,Pack-PTQ,knapsack,60.5,Paper Table 2\n"
+                   "resnet18,cifar10,4,4,QDrop,none,70.0,QDrop paper\n"
+                   "resnet18,cifar10,4,4,BRECQ,none,99.0,BRECQ paper\n"
+                   "deit_tiny,cifar10,3,4,Pack-PTQ,none,,\n")  # a template cell: skipped
+    report.main([str(multirun), "--out", str(tmp_path / "out"), "--reference", str(ref)])
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv", keep_default_na=False)
+    rows = {(r.model, r.packing_policy): r for r in summary.itertuples()}
+    hessian, block = rows[("resnet18", "hessian")], rows[("resnet18", "block")]
+    assert (hessian.ref_top1, hessian.ref_diff, hessian.ref_source) == ("60.50", "+2.50", "Pack-PTQ: Paper Table 2")
+    assert (block.ref_top1, block.ref_diff) == ("70.00", "+2.00")  # 72.0 mean; BRECQ needs drop_prob=1
+    assert rows[("deit_tiny", "hessian")].ref_top1 == ""
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| reference top-1 (%) | top-1 - reference | reference source |" in md
+    assert report.check(tmp_path)[0] == []  # the reference rows travel in records.json
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,data,w_bits,a_bits,method,top1,source\n")
+    with pytest.raises(SystemExit, match="lacks column.*mp"):
+        report.main([str(multirun), "--reference", str(bad)])
+    bad.write_text("model,data,w_bits,a_bits,method,mp,top1,source\nresnet18,cifar10,3,4,hessian,none,61,\n")
+    with pytest.raises(SystemExit, match="line 2.*source"):
+        report.main([str(multirun), "--reference", str(bad)])
+    template = report.read_reference(REPO / "experiments" / "reference" / "paper_template.csv")
+    assert template == []  # the template ships no number
+
+
+def test_recon_loss_is_drawn_across_the_blocks_of_each_unit(tmp_path):
+    """Runs whose packs differ: each unit's loss spans its own blocks, not a unit number."""
+    for seed, packs in ((0, [["b0"], ["b1", "b2"]]), (1, [["b0", "b1"], ["b2"]])):
+        rec = result(seed=seed)
+        rec.update(units=[["stem"], *packs, ["fc"]], packs=packs,
+                   unit_keys=["prefix_00", "pack_00", "pack_01", "suffix_00"],
+                   recon_loss={"prefix_00": [1, 0.1], "pack_00": [1, 0.2 + seed], "pack_01": [1, 0.3 + seed],
+                               "suffix_00": [1, 0.4]})
+        rec["overrides"] = [f"seed={seed}", f"packing.seed={seed}"]
+        write(tmp_path / f"s{seed}", rec)
+    fig = report.plot_recon_loss(report.collect([tmp_path]))
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["stem", "b0", "b1", "b2", "fc"]
+    spans = sorted((round(float(seg[0][1]), 3), float(seg[0][0]) + 0.4, float(seg[1][0]) - 0.4)
+                   for c in ax.collections for seg in c.get_segments())
+    assert (0.3, 2.0, 3.0) in spans and (1.2, 1.0, 2.0) in spans  # seed 0 pack b1,b2; seed 1 pack b0,b1
+    assert (1.3, 3.0, 3.0) in spans and (0.1, 0.0, 0.0) in spans
+
+
+def test_titles_read_as_the_settings(multirun):
+    df = report.collect([multirun])
+    assert report.plot_title(df) == "deit_tiny, resnet18 on cifar10, W3A4, W4A4"
+    fig = report.plot_top1_vs_bits(report.summarize(df))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert len(labels) == len(set(labels)) == 3 and all(lab.startswith("model=") for lab in labels)
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -32,7 +32,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmax: int
 
 #: the error norm of the MSE range search: |q - x|^2.4, the official Pack-PTQ code's. It weighs
 #: large (clipping) errors more than a squared error does; at 3-bit weights this keeps more of
-#: the range (docs/decisions.md, experiments/results/range_norm.md)
+#: the range (docs/decisions.md)
 RANGE_NORM = 2.4
 
 
