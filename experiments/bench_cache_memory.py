@@ -59,7 +59,7 @@ def child(model_name: str, mode: str, counts: List[int], step_count: int, steps:
     from packptq.quant import QuantConfig, calibrate, fold_bn, quantize_model
     from packptq.recon.cache import ActivationCache, CachePlan, MemStore, forward_into, store_maker
     from packptq.recon.sequence import channel_dim
-    from packptq.recon.unit import ReconConfig, reconstruct_unit
+    from packptq.recon.unit import ReconConfig, UnitRun, reconstruct_unit
     from packptq.runtime import release_freed_memory
     from packptq.zoo import split_model
 
@@ -121,8 +121,8 @@ def child(model_name: str, mode: str, counts: List[int], step_count: int, steps:
                 clock = Clock()
                 cfg = ReconConfig(iters=steps, batch_size=recon_bs, log_every=10 ** 6)
                 with PeakRSS() as pk_steps:
-                    reconstruct_unit(copy.deepcopy(qblock), cache, cfg, "unit", 0, channel_dim(qblock),
-                                     {"accelerator": "cpu", "callbacks": [clock]})
+                    reconstruct_unit(copy.deepcopy(qblock), cache, cfg, UnitRun("unit", 0, channel_dim(qblock),
+                                     {"accelerator": "cpu", "callbacks": [clock]}))
                 gaps = sorted(b - a for a, b in zip(clock.t, clock.t[1:]))
                 r["steps_peak"], r["step_s"] = pk_steps.peak - base, gaps[len(gaps) // 2]
             del cache

@@ -28,9 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -45,25 +45,21 @@ from typing import Dict, List, Tuple
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from packptq import fp
 from packptq.api import compose
-from packptq.config import typed
+from packptq.artifacts import RunDir
+from packptq.calibration import calibrate_twins
+from packptq.context import RunContext
 from packptq.data import build_datamodule
-from packptq.packing import PackingConfig, make_packs
+from packptq.packing import make_packs
+from packptq.quant import freeze
+from packptq.recon import ReconConfig, ReconSequence, UnitReconstruction, UnitRun, plan_units, reconstruct_unit
+from packptq.recon.sequence import channel_dim as _channel_dim
+from packptq.recon.unit import rec_loss
+from packptq.runtime import release_freed_memory, reuse_freed_memory, trainer_kwargs
 from packptq.scores import hessian_scores
-from packptq.evaluate import capture, forward_all
-from packptq.recon.sequence import _Chain, channel_dim as _channel_dim
-from packptq.quant import QuantConfig, calibrate, quantize_model
-from packptq.quant.convert import fold_bn, freeze
-from packptq.recon.cache import CachePlan, MemStore, forward_into, store_maker
-from packptq.recon.unit import (ActivationCache, ReconConfig, UnitReconstruction, rec_loss,
-                                reconstruct_unit)
-from packptq.fp import train_or_load
-from packptq.twins import layer_groups
-from packptq.runtime import release_freed_memory, reuse_freed_memory
-from packptq.zoo import split_model
-from packptq.zoo.build import ModelConfig, build_model
+from packptq.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE_BS = 128  # the pipeline scores with min(data.batch_size, 128)
@@ -76,101 +72,51 @@ def compose_cfg(extra: List[str] = ()):
 
 
 class Setup:
-    """The FP model (trained once, cached), its folded copy, the calibrated W4A4 model, both
-    splits and the calibration tensors, built as ``pipeline.run`` builds them."""
+    """The FP model (trained once, cached), the calibrated W4A4 twins and the calibration
+    tensors, built by the package's phases as ``pipeline.run`` builds them (``fp``,
+    ``calibration``); activation caches come from ``ReconSequence.walk``, the loop
+    ``pipeline.run`` reconstructs with."""
 
     def __init__(self, extra: List[str] = ()) -> None:
         cfg = compose_cfg(extra)
         self.cfg = cfg
         self.seed = int(cfg.seed)
-        self.qcfg = typed(QuantConfig, cfg.quant, "quant")
-        self.rcfg = typed(ReconConfig, cfg.recon, "recon")
-        self.pcfg = typed(PackingConfig, cfg.packing, "packing")
-        mcfg = typed(ModelConfig, cfg.model, "model")
+        settings = Settings.of(cfg)
+        self.qcfg, self.rcfg, self.pcfg = settings.quant, settings.recon, settings.packing
         dm = build_datamodule(cfg.data)
-        meta = dm.meta()
-        model = build_model(mcfg, meta)
-        dm.attach_model(model)
+        model = fp.build(settings.model, dm)
         dm.setup()
         self.x, self.y = dm.calib_tensors()
-        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer_kwargs.pop("_target_", None)
-        self.trainer_kwargs = trainer_kwargs
-        model, _ = train_or_load(model, dm, mcfg, dm.cfg, Path(cfg.cache_dir), trainer_kwargs)
-        self.model = model.eval()
-        self.fp_ref = copy.deepcopy(model).eval()
-        fold_bn(self.fp_ref)
-        self.qmodel = copy.deepcopy(model)
-        quantize_model(self.qmodel, self.qcfg, self.x[:2])
-        self.qsplit, self.fsplit = split_model(self.qmodel, "resnet"), split_model(self.fp_ref, "resnet")
-        torch.manual_seed(self.seed)
-        calibrate(self.qmodel, self.x, batch_size=int(cfg.data.batch_size), method=self.qcfg.a_range)
-        self.names = self.qsplit.block_names
+        self.trainer_kwargs = trainer_kwargs(cfg.trainer)
+        model = fp.obtain(model, dm, settings.model, Path(cfg.cache_dir), self.trainer_kwargs)
+        self.twins = calibrate_twins(model, "resnet", self.qcfg, self.x, self.seed, int(cfg.data.batch_size),
+                                     torch.device("cpu"))
+        self.fp_ref, self.names = self.twins.fp, self.twins.block_names
 
     def scores(self) -> dict:
-        return hessian_scores(self.fsplit, self.qsplit, self.x, self.y, self.pcfg.loss,
+        return hessian_scores(self.twins.fsplit, self.twins.qsplit, self.x, self.y, self.pcfg.loss,
                               batch_size=min(int(self.cfg.data.batch_size), SCORE_BS), progress=False)
 
     def largest_pack(self, scores: dict) -> List[int]:
         packs = make_packs(self.pcfg, self.names, scores["S"], self.seed)
-        n_w = lambda p: sum(q.numel() for b in p for q in self.fsplit.blocks[b][1].parameters())  # noqa: E731
+        n_w = lambda p: sum(q.numel() for b in p for q in self.twins.fsplit.blocks[b][1].parameters())  # noqa: E731
         return max(packs, key=lambda p: (len(p), n_w(p)))
 
-    def layer_tensors(self, where: str):
-        """(quantized layer, FP layer, q_in, fp_in, fp_out) of the first QuantLayer of the prefix
-        (``where="prefix"``, the stem conv) or the last of the suffix (the classifier), as the
-        pipeline's layer units capture them (every block left at its calibrated RTN state)."""
-        cpu = torch.device("cpu")
-        part_q, part_f = (self.qsplit.prefix, self.fsplit.prefix) if where == "prefix" else \
-            (self.qsplit.suffix, self.fsplit.suffix)
-        pre, _, suf = layer_groups(self.qmodel, self.qsplit, self.x[:2])
-        name = pre[0] if where == "prefix" else suf[-1]
-        ql, fl = self.qmodel.get_submodule(name), self.fp_ref.get_submodule(name)
-        q_h, f_h = self.x, self.x
-        if where == "suffix":
-            q_h, f_h = forward_all(self.qsplit.prefix, q_h, 256, cpu), forward_all(self.fsplit.prefix, f_h, 256, cpu)
-            for (_, qb), (_, fb) in zip(self.qsplit.blocks, self.fsplit.blocks):
-                q_h, f_h = forward_all(qb, q_h, 256, cpu), forward_all(fb, f_h, 256, cpu)
-        q_in, _ = capture(part_q, q_h, ql, 256, cpu)
-        f_in, f_out = capture(part_f, f_h, fl, 256, cpu)
-        return ql, fl, q_in, f_in, f_out
+    def sequence(self, packs: List[List[int]], mode: str, folder: str) -> ReconSequence:
+        """The reconstruction sequence of ``packs`` (prefix layers, packs, suffix layers) with
+        every cache in ``mode``, its files under ``folder``."""
+        ctx = RunContext(RunDir(folder), torch.device("cpu"), self.trainer_kwargs, self.seed,
+                         int(self.cfg.data.batch_size))
+        rcfg = dataclasses.replace(self.rcfg, cache_mode=mode, cache_budget=None, predict=False)
+        return ReconSequence(ctx, self.twins, plan_units("packs", packs, self.twins), rcfg)
 
-    def pack_tensors(self, pack: List[int]):
-        """(quantized chain, FP chain, q_in, fp_in, fp_out) at the pack, as the pipeline's
-        ``_reconstruct`` builds them (earlier blocks left at their calibrated RTN state)."""
-        qb, fb = [b for _, b in self.qsplit.blocks], [b for _, b in self.fsplit.blocks]
-        bs = 256
-        cpu = torch.device("cpu")
-        q_h = forward_all(self.qsplit.prefix, self.x, bs, cpu)
-        f_h = forward_all(self.fsplit.prefix, self.x, bs, cpu)
-        for b in range(pack[0]):
-            q_h, f_h = forward_all(qb[b], q_h, bs, cpu), forward_all(fb[b], f_h, bs, cpu)
-        chain_q, chain_f = _Chain(*[qb[b] for b in pack]), _Chain(*[fb[b] for b in pack])
-        f_out = forward_all(chain_f, f_h, bs, cpu)
-        return chain_q, chain_f, q_h, f_h, f_out
-
-
-    def pack_cache(self, pack: List[int], mode: str, folder: str):
-        """(the pack's activation cache in ``mode``, its ``CachePlan``), built as ``ReconSequence``
-        builds it: the images through the prefix and the blocks before the pack in both models,
-        into stores of the mode, then the FP output of the pack (none in ``recompute`` mode)."""
-        qb, fb = [b for _, b in self.qsplit.blocks], [b for _, b in self.fsplit.blocks]
-        bs, cpu, n = int(self.cfg.data.batch_size), torch.device("cpu"), len(self.x)
-        make = store_maker(mode, n, cpu, False, folder)
-        q_h = forward_into(self.qsplit.prefix, MemStore.of(self.x), bs, cpu, make)
-        f_h = forward_into(self.fsplit.prefix, MemStore.of(self.x), bs, cpu, make)
-        for b in range(pack[0]):
-            q_h, f_h = forward_into(qb[b], q_h, bs, cpu, make), forward_into(fb[b], f_h, bs, cpu, make)
-        chain_f = _Chain(*[fb[b] for b in pack])
-        if mode == "recompute":
-            cache = ActivationCache(q_h, f_h, fp_fn=lambda h: (h, chain_f(h)))
-            with torch.no_grad():
-                out = chain_f(f_h.slice(0, 1).float())
-        else:
-            cache = ActivationCache(q_h, f_h, forward_into(chain_f, f_h, bs, cpu, make))
-            out = cache.fp_out.slice(0, 1)
-        per = math.prod(q_h.shape)
-        return cache, CachePlan("pack", n, per, per, out[0].numel(), per, mode)
+    def unit_caches(self, packs: List[List[int]], folder: str) -> Dict[str, tuple]:
+        """{unit key: (quantized module, FP module, activation cache)} of every unit in
+        float32 memory, each with the units before it at their calibrated RTN state."""
+        out = {}
+        seq = self.sequence(packs, "keep", folder)
+        seq.walk(self.x, lambda i, q, f, make: out.__setitem__(seq.units[i].key, (q, f, make())))
+        return out
 
 
 # -- 1. Lightning against a bare loop ------------------------------------------------------
@@ -195,7 +141,7 @@ def lightning_run(chain_q, cache, rcfg, seed, channel_dim, trainer_kwargs):
     clock = StepClock()
     kw = dict(trainer_kwargs, callbacks=[clock])
     t0 = now()
-    losses = reconstruct_unit(unit, cache, rcfg, "bench", seed, channel_dim, kw)
+    losses = reconstruct_unit(unit, cache, rcfg, UnitRun("bench", seed, channel_dim, kw))
     return losses, clock.t, since(t0)
 
 
@@ -318,22 +264,45 @@ def child_cache(mode: str) -> dict:
     forward passes that produce it."""
     torch.set_num_threads(1)
     s = Setup()
-    pack = s.largest_pack(s.scores())
-    with tempfile.TemporaryDirectory() as folder:
-        s.pack_cache(pack, mode, folder)  # once before measuring, so that lazily allocated library state settles
-        gc.collect()
-        release_freed_memory()
-        base = rss_bytes()
-        with PeakRSS() as pk:
-            cache, plan = s.pack_cache(pack, mode, folder)
+    scores = s.scores()
+    packs = make_packs(s.pcfg, s.names, scores["S"], s.seed)
+    key = f"pack_{packs.index(s.largest_pack(scores)):02d}"
+    got = {}
+
+    class Done(Exception):
+        pass
+
+    def build(folder: str, measure: bool) -> None:
+        seq = s.sequence(packs, mode, folder)
+
+        def visit(i, q, f, make):
+            if seq.units[i].key != key:
+                return
+            cache = make()
             batches = cache.batches(32, torch.Generator().manual_seed(0))
             for _ in range(20):
                 next(batches)
             gc.collect()
-            held = rss_bytes()
+            if measure:
+                got.update(cache=cache, plan=seq.plans[i], held=rss_bytes())
+            raise Done  # the units after it play no part
+
+        try:
+            seq.walk(s.x, visit)
+        except Done:
+            pass
+
+    with tempfile.TemporaryDirectory() as folder:
+        build(folder, False)  # once before measuring, so that lazily allocated library state settles
+        gc.collect()
+        release_freed_memory()
+        base = rss_bytes()
+        with PeakRSS() as pk:
+            build(folder, True)
+        cache, plan = got["cache"], got["plan"]
         shape = [len(cache)] + list(cache.q_in.shape)
         return {"mode": mode, "nbytes": cache.nbytes(), "planned": plan.memory(mode, 32), "keep": plan.memory("keep", 32),
-                "disk": cache.disk_bytes(), "shape": shape, "peak": pk.peak - base, "held": held - base}
+                "disk": cache.disk_bytes(), "shape": shape, "peak": pk.peak - base, "held": got["held"] - base}
 
 
 def child_run(run_dir: str, extra: List[str]) -> None:
@@ -431,16 +400,16 @@ def main(argv=None) -> None:
     # 1 and 2 on every pack: Lightning, bare loop and the FP floor, alternating. Per run: the
     # median over its steps, wall and CPU; over runs: the median of those.
     per_pack = {}
+    with tempfile.TemporaryDirectory() as folder:
+        caches = s.unit_caches(packs, folder)
+    suffix = [k for k in caches if k.startswith("suffix_")][-1]
     # the stem conv and the classifier (one-layer units), then the packs
-    for label, pack in [("stem conv (prefix)", "prefix"), *((names(p), p) for p in packs),
-                        ("classifier (suffix)", "suffix")]:
-        if isinstance(pack, str):
-            chain_q, chain_f, q_h, f_h, f_out = s.layer_tensors(pack)
-        else:
-            chain_q, chain_f, q_h, f_h, f_out = s.pack_tensors(pack)
-        cache = ActivationCache(q_h, f_h, f_out)
+    for label, key in [("stem conv (prefix)", "prefix_00"), *((names(p), f"pack_{j:02d}") for j, p in enumerate(packs)),
+                       ("classifier (suffix)", suffix)]:
+        chain_q, chain_f, cache = caches[key]
         cdim = _channel_dim(chain_q)
-        m = {"n_alpha": sum(p.numel() for p in chain_f.parameters() if p.dim() > 1), "shape": list(q_h.shape),
+        m = {"n_alpha": sum(p.numel() for p in chain_f.parameters() if p.dim() > 1),
+             "shape": [len(cache)] + list(cache.q_in.shape),
              "L": [], "B": [], "F": [], "O": [], "L_fit": [], "B_fit": [], "same": [], "dev": []}
         for r in range(args.repeats):
             l_loss, t, fit = lightning_run(chain_q, cache, rcfg, s.seed, cdim, s.trainer_kwargs)

@@ -40,7 +40,7 @@ from packptq.quant import QuantConfig
 from packptq.recon import cost
 from packptq.recon.cost import predict_costs
 from packptq.recon.sequence import Unit, channel_dim
-from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.recon.unit import ActivationCache, ReconConfig, UnitRun, reconstruct_unit
 from packptq.runtime import quiet_lightning, trainer_kwargs
 from packptq.zoo.build import ModelConfig
 
@@ -59,7 +59,7 @@ def time_layer(twins, name: str, x: torch.Tensor, rcfg: ReconConfig, kw: dict, b
     cache = ActivationCache(q_in, f_in, f_out)
     clock = StepClock(CPU)
     t0, c0 = time.perf_counter(), time.process_time()
-    reconstruct_unit(ql, cache, rcfg, name, 0, channel_dim(ql), {**kw, "callbacks": [clock]})
+    reconstruct_unit(ql, cache, rcfg, UnitRun(name, 0, channel_dim(ql), {**kw, "callbacks": [clock]}))
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     return {"unit": name, "blocks": [], "n_weights": ql.layer.weight.numel(),
             "macs": unit_macs(fl, f_in[:rcfg.batch_size]), "cache_shape": list(q_in.shape), "steps": rcfg.iters,

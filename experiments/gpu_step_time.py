@@ -33,8 +33,8 @@ from packptq.calibration import calibrate_twins
 from packptq.evaluate import forward_all
 from packptq.quant import QuantConfig
 from packptq.recon.cost import predict_costs
-from packptq.recon.sequence import Unit, _Chain, channel_dim
-from packptq.recon.unit import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.recon.sequence import Chain, Unit, channel_dim
+from packptq.recon.unit import ActivationCache, ReconConfig, UnitRun, reconstruct_unit
 from packptq.runtime import device_of, quiet_lightning
 from packptq.twins import Twins
 from packptq.zoo.build import ModelConfig, build_model
@@ -111,7 +111,7 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
         while b < u.blocks[0]:  # earlier blocks stay at their calibrated (RTN) state
             q_h, f_h = forward_all(qb[b], q_h, batch_size, dev), forward_all(fb[b], f_h, batch_size, dev)
             b += 1
-        chain_q, chain_f = _Chain(*[qb[i] for i in u.blocks]), _Chain(*[fb[i] for i in u.blocks])
+        chain_q, chain_f = Chain(*[qb[i] for i in u.blocks]), Chain(*[fb[i] for i in u.blocks])
         f_out = forward_all(chain_f, f_h, batch_size, dev)
         cache = ActivationCache(q_h, f_h, f_out)
         n_w = sum(m.layer.weight.numel() for m in chain_q.modules() if hasattr(m, "wq") and hasattr(m, "layer"))
@@ -121,7 +121,7 @@ def time_packs(twins: Twins, x: torch.Tensor, packs: Sequence[Sequence[int]], rc
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         t0, c0 = time.perf_counter(), time.process_time()
-        reconstruct_unit(chain_q, cache, rcfg, u.key, seed, channel_dim(chain_q), {**kw, "callbacks": [clock]})
+        reconstruct_unit(chain_q, cache, rcfg, UnitRun(u.key, seed, channel_dim(chain_q), {**kw, "callbacks": [clock]}))
         fit_s = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
         s = step_seconds(clock.t)

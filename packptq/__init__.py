@@ -6,7 +6,7 @@ module), ``packptq.save_quantized(qmodel, path)`` / ``packptq.load_quantized(pat
 ``packptq.export_onnx(qmodel, path, example_input)`` (a QDQ graph). Their input faults are
 ``packptq.DataError`` / ``packptq.ExportError`` (both ``packptq.ConfigError``)."""
 
-__version__ = "0.1.0"
+from packptq.version import __version__
 
 __all__ = ["quantize", "save_quantized", "load_quantized", "export_onnx", "ConfigError", "DataError",
            "ExportError"]

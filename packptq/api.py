@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from packptq import fp, mp
-from packptq.artifacts import RunDir
-from packptq.config import CONF_DIR, typed
-from packptq.evaluate import predict
+from packptq import calibration, fp
+from packptq.config import CONF_DIR
+from packptq.context import RunContext
+from packptq.evaluate import first_last, forward_all
 from packptq.export import load_quantized  # noqa: F401  (re-exported)
 from packptq.inputs import calib_inputs
-from packptq.packing import PackingConfig
 from packptq.pipeline import quantize_phases
-from packptq.quant import QuantConfig
-from packptq.recon import ReconConfig
-from packptq.runtime import Timer, device_of, quiet_lightning, trainer_kwargs
+from packptq.runtime import quiet_lightning
+from packptq.settings import Settings
 from packptq.zoo.build import ModelConfig
 
 
@@ -35,10 +34,14 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     from packptq.schemas import register
 
     register()
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose with its own instance
-        return hydra_compose(config_name="config", overrides=list(overrides))
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    with warnings.catch_warnings():
+        # the user config directory on the search path is optional: Hydra warns on every compose
+        # while it does not exist
+        warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.* is not available")
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: compose with its own instance
+            return hydra_compose(config_name="config", overrides=list(overrides))
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def quantize(model: nn.Module, calib_data,
@@ -60,39 +63,29 @@ def quantize(model: nn.Module, calib_data,
     x, y = calib_inputs(model, calib_data)  # every input fault is one line, before any work
     quiet_lightning()
     cfg = compose(overrides) if cfg is None else cfg
-    qcfg = typed(QuantConfig, cfg.quant, "quant")
-    rcfg = typed(ReconConfig, cfg.recon, "recon")
-    pcfg = typed(PackingConfig, cfg.packing, "packing")
-    mp_plan = mp.plan(cfg.mp, qcfg)
-    trainer_kw = trainer_kwargs(cfg.get("trainer"))
-    device = device_of(trainer_kw)
-    model = copy.deepcopy(model).eval().to(device)
+    s = Settings.of(cfg, model=False)
+    ctx = RunContext.create(run_dir or tempfile.mkdtemp(prefix="packptq-quantize-"), cfg.get("trainer"), seed,
+                            batch_size, progress=progress)
+    model = copy.deepcopy(model).eval().to(ctx.device)
     fp_preds = predict_tensor(model, x, batch_size)
-    y = fp_preds if y is None else y
-    split = fp.split(model, ModelConfig(name=type(model).__name__, family=family), x[:2].to(device))
-    if mp_plan is not None:
-        mp_plan.check_feasible(model, split)
-    rd = RunDir(run_dir or tempfile.mkdtemp(prefix="packptq-quantize-"))
-    timer = Timer()
-    twins, info = quantize_phases(model, split, x, y, qcfg, pcfg, rcfg, mp_plan, rd, seed, batch_size,
-                                  trainer_kw, device, timer, None, progress)
+    split = fp.split(model, ModelConfig(name=type(model).__name__, family=family), x[:2].to(ctx.device))
+    if s.mp is not None:
+        s.mp.check_feasible(model, split)
+    twins = calibration.run(ctx, s.quant, model, split.family, x)
+    ptq = quantize_phases(ctx, s, twins, x, fp_preds if y is None else y)
     names = twins.block_names
-    qpreds = predict_tensor(twins.qmodel, x, batch_size)
     report = {
         "blocks": names, "family": split.family,
-        "packs": [[names[i] for i in p] for p in info["packs"]], "bits": info["pack_bits"],
-        **info["acct"],
-        "recon_loss": {k: [v[0], v[-1]] for k, v in info["unit_losses"].items() if v},
-        "calib_agreement": (qpreds == fp_preds).float().mean().item() * 100,
-        "time_s": timer.times, "run_dir": str(rd.path),
+        "packs": [[names[i] for i in p] for p in ptq.packs], "bits": ptq.bits.pack_bits,
+        **ptq.bits.acct,
+        "recon_loss": first_last(ptq.recon.losses),
+        "calib_agreement": (predict_tensor(twins.qmodel, x, batch_size) == fp_preds).float().mean().item() * 100,
+        "time_s": ctx.timer.times, "run_dir": str(ctx.rd.path),
         "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("quant", "packing", "mp", "recon")},
     }
     return twins.qmodel.eval(), report
 
 
-@torch.no_grad()
 def predict_tensor(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Top-1 predictions of ``model`` on the tensor ``x``."""
-    loader = [(x[i:i + batch_size], torch.zeros(len(x[i:i + batch_size]), dtype=torch.long))
-              for i in range(0, len(x), batch_size)]
-    return predict(model, loader, next(model.parameters()).device)[0]
+    """Top-1 predictions [n] of ``model`` on the tensor ``x`` [n, ...] (model in eval mode)."""
+    return forward_all(model.eval(), x, batch_size).argmax(-1)

@@ -264,7 +264,7 @@ def code_version() -> dict:
     """The packptq code a result was made with: ``{"version": ..., "commit": ...}``, the commit
     being the git HEAD of the package's checkout (``+dirty`` with uncommitted changes to tracked
     files), or None for an installed copy outside git."""
-    from packptq import __version__
+    from packptq.version import __version__
 
     here = Path(__file__).resolve().parent
 

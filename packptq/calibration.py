@@ -34,3 +34,11 @@ def calibrate_twins(model: nn.Module, family: str, qcfg: QuantConfig, x_cal: tor
     copy_ln_reparam(qmodel, fp)
     prefix_layers, block_layers, suffix_layers = layer_groups(qmodel, qsplit, example)
     return Twins(qmodel, fp, qsplit, fsplit, prefix_layers, block_layers, suffix_layers, device)
+
+
+def run(ctx, qcfg: QuantConfig, model: nn.Module, family: str, x_cal: torch.Tensor) -> Twins:
+    """The calibrate phase (``ctx``: the run's ``context.RunContext``): ``calibrate_twins`` of
+    the FP ``model`` (split rule ``family``) on the calibration inputs ``x_cal`` [n, ...] with
+    the run's seed, batch size and device, under the trainer's precision."""
+    with ctx.phase("calibrate"):
+        return calibrate_twins(model, family, qcfg, x_cal, ctx.seed, ctx.batch_size, ctx.device, ctx.progress)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -72,24 +74,46 @@ def make_logger(cfg: DictConfig, overrides, sweep_dir: Optional[str]):
         lcfg["config"] = OmegaConf.to_container(cfg, resolve=True)
     logger = hydra.utils.instantiate(lcfg, _convert_="all")  # plain dicts: W&B cannot sanitise DictConfig
     if wandb_logger:
+        # Lightning hands wandb.init anonymous=None, which W&B answers with a deprecation warning
+        # on every run that no setting of ours can avoid
+        init = getattr(logger, "_wandb_init", {})
+        if init.get("anonymous", "unset") is None:
+            del init["anonymous"]
         logger.experiment  # noqa: B018  (starts the run now: a failure in any phase is recorded)
     return logger
 
 
 class _Tee:
-    """A text stream writing to ``stream`` and to ``copy``."""
+    """A text stream writing to ``stream`` and its lines to ``copy``: a line rewritten in place
+    (``\\r``, a progress bar's refresh) reaches ``copy`` only in the state it ends in."""
 
     def __init__(self, stream, copy) -> None:
-        self._stream, self._copy = stream, copy
+        self._stream, self._copy, self._line = stream, copy, ""
 
     def write(self, text: str) -> int:
         if self._copy is not None:
             try:
-                self._copy.write(text)
+                for piece in re.split(r"(\r|\n)", text):
+                    if piece == "\n":
+                        self._copy.write(self._line + "\n")
+                        self._line = ""
+                    elif piece == "\r":
+                        self._line = ""
+                    else:
+                        self._line += piece
                 self._copy.flush()
             except (OSError, ValueError):  # a full disk (or a closed log) stops the copy, not the run
                 self._copy = None
         return self._stream.write(text)
+
+    def close_line(self) -> None:
+        """Copy the unfinished line, if any (the state a bar was left in)."""
+        if self._line and self._copy is not None:
+            try:
+                self._copy.write(self._line + "\n")
+            except (OSError, ValueError):
+                self._copy = None
+            self._line = ""
 
     def flush(self) -> None:
         self._stream.flush()
@@ -98,10 +122,40 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+class _Console(logging.Handler):
+    """The ``packptq`` logger on the command line: information as ``[packptq] ...`` lines on
+    stdout, warnings and errors as ``packptq: warning: ...`` on stderr. The streams are looked
+    up for each record, so ``console_copy`` puts the lines in ``packptq.log`` too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                sys.stderr.write(f"packptq: {record.levelname.lower()}: {msg}\n")
+                sys.stderr.flush()
+            else:
+                sys.stdout.write(f"[packptq] {msg}\n")
+                sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Give the library's ``packptq`` logger its console handler (once) at ``level``; its
+    records do not also go to Hydra's root handlers."""
+    lg = logging.getLogger("packptq")
+    if not any(isinstance(h, _Console) for h in lg.handlers):
+        lg.addHandler(_Console())
+    lg.setLevel(level)
+    lg.propagate = False
+
+
 @contextmanager
 def console_copy(run_dir: str):
-    """Everything printed to stdout and stderr (tables, progress bars, errors) also goes to
-    ``packptq.log`` in the run directory (appended: a resumed run adds to it)."""
+    """Everything printed to stdout and stderr (the ``packptq`` log, tables, errors) also goes
+    to ``packptq.log`` in the run directory (appended: a resumed run adds to it); a progress bar
+    only as the line it ends with."""
+    configure_logging()
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "packptq.log"), "a", encoding="utf-8") as f:
         out, err = sys.stdout, sys.stderr
@@ -115,6 +169,9 @@ def console_copy(run_dir: str):
                 pass
             raise
         finally:
+            for tee in (sys.stdout, sys.stderr):
+                if isinstance(tee, _Tee):
+                    tee.close_line()
             sys.stdout, sys.stderr = out, err
 
 
@@ -513,6 +570,7 @@ def export_main(argv=None) -> None:
     ap.add_argument("--format", choices=("pt", "onnx"), default="pt")  # export.FORMATS (torch not imported for --help)
     ap.add_argument("--out", default=None, help="output file (default RUN_DIR/quantized.FORMAT)")
     args = ap.parse_args(argv)
+    configure_logging()
     try:
         from packptq.runtime import set_threads
 

@@ -1,19 +1,29 @@
-"""Forward passes over a tensor set and the evaluation metrics: batched forwards and activation
-capture (CPU results), predictions over a loader, top-1 with torchmetrics, agreement with the FP
-predictions, and the per-sample KL divergence shared by block scores and sensitivities."""
+"""The eval phase and the forward passes and metrics every phase uses: batched forwards and
+activation capture (CPU results), predictions over a loader, top-1 with torchmetrics, agreement
+with the FP predictions, the per-sample KL divergence shared by block scores and sensitivities;
+``run`` measures a model (``rtn.json`` after calibration, the final model at the end),
+``results`` assembles ``results.json`` and ``table`` the lines a run ends with."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from packptq.context import RunContext, log
+from packptq.quant.quantizer import RANGE_NORM
+
 
 @torch.no_grad()
-def forward_all(fn: Callable, x: torch.Tensor, bs: int, device: torch.device) -> torch.Tensor:
-    """fn over x [n, ...] in batches of ``bs`` on ``device``; the result [n, ...] on the CPU."""
+def forward_all(fn: Callable, x: torch.Tensor, bs: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """fn over x [n, ...] in batches of ``bs`` on ``device`` (default: the device of ``fn``'s
+    parameters when it is a module); the result [n, ...] on the CPU."""
+    if device is None:
+        device = next(fn.parameters()).device
     return torch.cat([fn(x[i:i + bs].to(device)).cpu() for i in range(0, len(x), bs)])
 
 
@@ -74,8 +84,99 @@ def evaluate(model: nn.Module, loader, device: torch.device, fp_preds: torch.Ten
             "val_top1": None if val_loader is None else top1(*predict(model, val_loader, device), num_classes)}
 
 
-def print_table(r: dict) -> None:
-    """The results a run prints at its end (``r``: the results.json dict)."""
+@dataclass
+class EvalSet:
+    """The data a run is measured on: the datamodule ``dm`` (its test split) and the loader of
+    its validation split (None without ``data.val_size``)."""
+
+    dm: object
+    val: object = None
+
+    def test(self):
+        return self.dm.test_dataloader()
+
+    @property
+    def num_classes(self) -> int:
+        return self.dm.meta()["num_classes"]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Top-1 on the test split, agreement with the FP predictions and top-1 on the validation
+    split (None without one), in percent."""
+
+    top1: float
+    agreement: float
+    val_top1: Optional[float] = None
+
+
+def run(ctx: RunContext, model: nn.Module, data: EvalSet, fp_preds: torch.Tensor, artifact: Optional[str] = None,
+        phase: Optional[str] = None, what: Optional[str] = None) -> Metrics:
+    """Measure ``model`` on ``data`` against the FP predictions ``fp_preds`` [n_test] under the
+    trainer's precision, timed as ``phase`` when given; with ``artifact`` (e.g. ``rtn.json``)
+    the numbers are written to the run directory once and read back on resume; ``what`` names
+    the model in a log line of its top-1."""
+
+    def measure() -> dict:
+        with ctx.autocast():
+            return evaluate(model, data.test(), ctx.device, fp_preds, data.num_classes, data.val)
+
+    with ctx.timer.phase(phase) if phase else nullcontext():
+        m = ctx.rd.cached_json(artifact, measure) if artifact else measure()
+    if what:
+        log.info("%s top-1 %.2f%%", what, m["top1"])
+    return Metrics(m["top1"], m["agreement"], m.get("val_top1"))
+
+
+def results(ctx: RunContext, settings, fp, rtn: Metrics, ptq, final: Metrics, overrides, seed: int,
+            code: Optional[dict] = None) -> dict:
+    """The results.json dict of a run: ``settings`` (``settings.Settings``), ``fp`` (the fp
+    phase's ``fp.FPResult``), ``rtn`` and ``final`` (the model after calibration and at the
+    end), ``ptq`` (``pipeline.PTQResult``: scores, packs, bits, units and losses), ``code``
+    (``artifacts.code_version()`` when the run started)."""
+    q, p, names, dm = settings.quant, settings.packing, ptq.twins.block_names, fp.data.dm
+    sc, acct = ptq.scores, ptq.bits.acct
+    return {
+        "model": settings.model.name, "data": dm.cfg.name, "seed": int(seed),
+        "quant": {k: getattr(q, k) for k in ("w_bits", "a_bits", "first_last_bits", "act_placement", "w_range",
+                                              "a_range", "attn_prob", "quant_attn", "ln_reparam")}
+                 | {"range_norm": RANGE_NORM},
+        "packing": {"policy": p.policy, "loss": p.loss},
+        "mp": settings.mp.describe() if settings.mp is not None else {"policy": "none"},
+        "fp_top1": fp.top1, "rtn_top1": rtn.top1, "quant_top1": final.top1, "agreement": final.agreement,
+        "rtn_agreement": rtn.agreement,
+        "val_size": dm.cfg.val_size, "fp_val_top1": fp.val_top1, "rtn_val_top1": rtn.val_top1,
+        "val_top1": final.val_top1,
+        **acct,
+        "units": [u.names for u in ptq.recon.units], "unit_keys": [u.key for u in ptq.recon.units],
+        "packs": [[names[i] for i in pk] for pk in ptq.packs], "bits": ptq.bits.pack_bits,
+        "scores": sc.S if sc else None, "omega": sc.omega if sc else None,
+        "recon_loss": first_last(ptq.recon.losses),
+        "time_s": ctx.times, "fingerprint": ctx.rd.run_fp,
+        "calib_fingerprint": dm.fingerprint(), "calib_size": len(fp.x_cal),
+        "overrides": list(overrides or []), "config": ctx.config, "run_dir": str(ctx.rd.path),
+        "packptq": code,
+    }
+
+
+def report(ctx: RunContext, r: dict) -> None:
+    """The end of a run: its metrics to the metrics logger, its table to the log (``r``: the
+    results.json dict)."""
+    ctx.log_metrics({"eval/quant_top1": r["quant_top1"], "eval/rtn_top1": r["rtn_top1"], "eval/val_top1": r["val_top1"],
+                     "eval/agreement": r["agreement"], "eval/w_bits_avg": r["w_bits_avg"],
+                     "eval/a_bits_avg": r["a_bits_avg"] or 0.0, "eval/size_bytes": r["size_bytes"],
+                     **{f"time/{k}_s": v for k, v in ctx.timer.times.items()},
+                     **{f"recon_loss/{k}": v[-1] for k, v in r["recon_loss"].items()}})
+    log.info("\n".join(["results:", *table(r)]))
+
+
+def first_last(losses: dict) -> dict:
+    """{unit: [first, last]} of per-step reconstruction losses (units that trained)."""
+    return {k: [v[0], v[-1]] for k, v in losses.items() if v}
+
+
+def table(r: dict) -> List[str]:
+    """The lines a run ends with (``r``: the results.json dict)."""
     q = r["quant"]
     rows = [
         ("model / data", f"{r['model']} / {r['data']} (seed {r['seed']})"),
@@ -91,4 +192,4 @@ def print_table(r: dict) -> None:
         ("size", f"{r['size_bytes'] / 1024:.1f} KiB"),
     ] + [(f"time {k}", f"{v:.1f} s") for k, v in r["time_s"].items()]
     w = max(len(a) for a, _ in rows)
-    print("\n".join(f"  {a.ljust(w)}  {b}" for a, b in rows))
+    return [f"  {a.ljust(w)}  {b}" for a, b in rows]

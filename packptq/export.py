@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from packptq.config import ConfigError, RunFailure
+from packptq.evaluate import forward_all
 from packptq.quant import QuantConfig, quantize_model
 from packptq.quant.modules import QuantLayer
 from packptq.quant.quantizer import ActQuantizer, LogSqrt2Quantizer, UniformQuantizer, WeightQuantizer
@@ -519,20 +520,14 @@ def default_path(run_dir, fmt: str, name: Optional[str] = None) -> Path:
     return Path(run_dir) / f"{name or 'quantized'}.{fmt}"
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
-
-
 def export_quantized(qmodel: nn.Module, rec: dict, fmt: str, path, x_check: torch.Tensor) -> dict:
     """Write ``qmodel`` as ``fmt`` to ``path``, read it back (``load_quantized`` or onnxruntime)
     and compare its predictions with ``qmodel``'s on ``x_check``: {format, path, bytes,
     agreement (% equal top-1), max_abs_logit_diff, n}."""
     qmodel.eval()
     path = write(fmt, qmodel, rec, path)
-    ref = _logits(qmodel, x_check)
-    out = _logits(load_quantized(path), x_check) if fmt == "pt" else onnx_predict(path, x_check.cpu())
+    ref = forward_all(qmodel, x_check, 256).float()
+    out = forward_all(load_quantized(path), x_check, 256).float() if fmt == "pt" else onnx_predict(path, x_check.cpu())
     agree = (out.argmax(1) == ref.argmax(1)).float().mean().item() * 100
     return {"format": fmt, "path": str(path), "bytes": path.stat().st_size, "agreement": agree,
             "max_abs_logit_diff": (out - ref).abs().max().item(), "n": len(x_check)}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import sys
+import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from packptq.artifacts import file_digest, save_pt
 from tqdm.auto import tqdm
 
+from packptq.artifacts import file_digest, save_pt
 from packptq.config import ConfigError, RunFailure
+from packptq.context import RunContext, log
+from packptq.evaluate import EvalSet, predict, top1
+from packptq.recon.sequence import check_cache_budget
 from packptq.runtime import TRAINER_DEFAULTS, device_of, one_thread, step_bar
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
@@ -138,7 +141,7 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
         model.load_state_dict(sd)
         return True
     except Exception as exc:  # a corrupt cache entry is retrained, never trusted
-        print(f"[packptq] FP cache {path} unreadable ({str(exc).splitlines()[0]}); retraining")
+        log.warning("FP cache %s unreadable (%s); retraining", path, str(exc).splitlines()[0])
         return False
 
 
@@ -177,7 +180,7 @@ def _train(model: nn.Module, dm, model_cfg, seed: int, steps: int, trainer_kwarg
               log_every_n_steps=max(1, min(50, len(loader) // 4)))  # a curve even for short epochs
     kw.update(trainer_kwargs or {})
     kw.update(max_epochs=model_cfg.train_epochs)
-    print(f"[packptq] training the FP model: {model_cfg.train_epochs} epochs of {steps} steps")
+    log.info("training the FP model: %d epochs of %d steps", model_cfg.train_epochs, steps)
     bar = tqdm(total=model_cfg.train_epochs * len(loader), desc=f"FP training, {model_cfg.train_epochs} epochs",
                unit="step", dynamic_ncols=True) if progress else None
     if bar is not None:
@@ -208,7 +211,7 @@ def check_not_chance(fp_top1: float, num_classes: int, trained_here: bool, where
     if trained_here:
         raise ConfigError(f"{msg}: FP training failed (model.train_epochs, model.train_lr, the data?); "
                           f"delete {where} to retrain")
-    print(f"packptq: warning: {msg}: check model.checkpoint and the data", file=sys.stderr)
+    log.warning("%s: check model.checkpoint and the data", msg)
 
 
 def trains(model_cfg: ModelConfig) -> bool:
@@ -261,3 +264,69 @@ def obtain(model: nn.Module, dm, model_cfg: ModelConfig, cache_dir: Path, traine
         model, _ = train_or_load(model, dm, model_cfg, dm.cfg, Path(cache_dir), trainer_kwargs, logger,
                                  progress)
     return model.eval()
+
+
+@dataclass
+class FPResult:
+    """What the fp phase hands on: the FP ``model`` (on the run's device) and its ``split``
+    (consumed by calibration), the calibration inputs ``x_cal`` [n, ...] and labels ``y_cal``
+    [n] (training split), the evaluation data, the FP top-1 on the test (and validation)
+    split in percent, the FP predictions on the test set [n_test], and whether the run
+    directory resumes a run."""
+
+    model: Optional[nn.Module]
+    split: Optional[Split]
+    x_cal: torch.Tensor
+    y_cal: torch.Tensor
+    data: EvalSet
+    top1: float
+    val_top1: Optional[float]
+    preds: torch.Tensor
+    resumed: bool = False
+
+    def take(self) -> Tuple[nn.Module, str]:
+        """(the FP model, its split rule's family) for calibration, which consumes the model:
+        this result lets go of it and of its split."""
+        model, family = self.model, self.split.family
+        self.model = self.split = None
+        return model, family
+
+
+def run(ctx: RunContext, settings, dm, cache_dir) -> FPResult:
+    """The fp phase: build and split the model, refuse what cannot run (an infeasible bit
+    budget, a cache budget no unit fits, a run directory of another run, a training that
+    would take no step, an unwritable cache) before any training, obtain the FP weights,
+    measure them (``fp.json``) and stop on a model trained here that is near chance.
+    ``settings``: the run's ``settings.Settings``."""
+    mcfg, plan = settings.model, settings.mp
+    with ctx.phase("fp", precision=False):
+        model = build(mcfg, dm)
+        dm.setup()
+        x_cal, y_cal = dm.calib_tensors()  # reads every calibration sample: a corrupt one stops here
+        data = EvalSet(dm, dm.val_dataloader() if dm.cfg.val_size else None)  # choices are made on val, never test
+        fsplit = split(model, mcfg, x_cal[:2])
+        if plan is not None:  # an impossible bit budget stops here, before FP training
+            plan.check_feasible(model, fsplit)
+        check_cache_budget(settings.recon, settings.packing.entry.units, fsplit, x_cal,
+                           shutil.disk_usage(ctx.rd.path).free)
+        resumed = ctx.open(identity(mcfg, dm, ctx.trainer_kw), dm.fingerprint())
+        fp_file = cache_path(mcfg, dm, cache_dir, ctx.trainer_kw) if trains(mcfg) else None
+        if fp_file is not None and not fp_file.is_file():
+            check_trainable(mcfg, dm)  # before any training: zero steps, an unwritable cache
+            check_writable(fp_file.parent)
+        model = obtain(model, dm, mcfg, cache_dir, ctx.trainer_kw, ctx.logger, ctx.progress).to(ctx.device)
+        res = ctx.rd.cached_json("fp.json", lambda: _measure(ctx, model, data))
+        check_not_chance(res["fp_top1"], data.num_classes, trains(mcfg), fp_file)
+        ctx.log_metrics({"eval/fp_top1": res["fp_top1"]})
+    log.info("%s on %s: FP top-1 %.2f%%  (%srun dir %s)", mcfg.name, dm.cfg.name, res["fp_top1"],
+             "resuming " if resumed else "", ctx.rd.path)
+    return FPResult(model, fsplit, x_cal, y_cal, data, res["fp_top1"], res.get("fp_val_top1"),
+                    torch.tensor(res["preds"]), resumed)
+
+
+def _measure(ctx: RunContext, model: nn.Module, data: EvalSet) -> dict:
+    """``fp.json``: the FP top-1 on the test and validation splits and the test predictions."""
+    with ctx.autocast():
+        preds, labels = predict(model, data.test(), ctx.device)
+        val = None if data.val is None else top1(*predict(model, data.val, ctx.device), data.num_classes)
+    return {"fp_top1": top1(preds, labels, data.num_classes), "fp_val_top1": val, "preds": preds.tolist()}

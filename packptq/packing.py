@@ -73,6 +73,12 @@ def make_packs(cfg: PackingConfig, names: List[str], scores: Optional[Sequence[f
     return cfg.entry.form(names, scores, cfg, seed)
 
 
+def policy(name: str, **meta) -> Callable[[FormFn], FormFn]:
+    """Register the form function it decorates as the packing policy ``name``, with the
+    ``PackingPolicy`` fields ``meta`` (needs_scores, units, required, reads)."""
+    return PACKING.register(name, make=lambda form: PackingPolicy(form=form, **meta))
+
+
 def hessian_packs(scores: Sequence[float]) -> List[List[int]]:
     """Adaptive packing: scan the scope [0, t_e], cut a pack at argmin(S) (leftmost on ties),
     shrink the scope to its left, repeat. Packs start exactly at the strict running minima."""
@@ -86,10 +92,38 @@ def hessian_packs(scores: Sequence[float]) -> List[List[int]]:
     return packs
 
 
+@policy("none", units="none")
+def _none(names, scores, cfg, seed):
+    """RTN: nothing is reconstructed."""
+    return []
+
+
+@policy("layer", units="layers")  # AdaRound: every layer of every block is a unit
+@policy("block")  # BRECQ / QDrop
 def _each_block(names, scores, cfg, seed):
+    """One pack per block."""
     return [[i] for i in range(len(names))]
 
 
+@policy("net")
+def _net(names, scores, cfg, seed):
+    """The whole network as one pack."""
+    return [list(range(len(names)))]
+
+
+@policy("fixed", reads=("size",))
+def _fixed(names, scores, cfg, seed):
+    """Packs of ``packing.size`` consecutive blocks."""
+    return [list(range(i, min(i + cfg.size, len(names)))) for i in range(0, len(names), cfg.size)]
+
+
+@policy("hessian", needs_scores=True)
+def _hessian(names, scores, cfg, seed):
+    """Pack-PTQ: a pack starts at each new running minimum of S_b."""
+    return hessian_packs(scores)
+
+
+@policy("random", needs_scores=True, reads=("seed",))
 def _random_packs(names, scores, cfg, seed):
     """Same pack-size histogram as Hessian packing, sizes in a seeded random order."""
     sizes = [len(p) for p in hessian_packs(scores)]
@@ -101,7 +135,9 @@ def _random_packs(names, scores, cfg, seed):
     return packs
 
 
+@policy("manual", required=("packs",), reads=("packs",))
 def _manual(names, scores, cfg, seed):
+    """The packs ``packing.packs`` names (block names)."""
     index = {n: i for i, n in enumerate(names)}
     packs = []
     for p in cfg.packs:
@@ -116,14 +152,13 @@ def _manual(names, scores, cfg, seed):
     return packs
 
 
-PACKING.register("none")(PackingPolicy(form=lambda names, scores, cfg, seed: [], units="none"))
-PACKING.register("layer")(PackingPolicy(form=_each_block, units="layers"))  # AdaRound
-PACKING.register("block")(PackingPolicy(form=_each_block))  # BRECQ / QDrop
-PACKING.register("net")(PackingPolicy(form=lambda names, scores, cfg, seed: [list(range(len(names)))]))
-PACKING.register("fixed")(PackingPolicy(
-    form=lambda names, scores, cfg, seed: [list(range(i, min(i + cfg.size, len(names))))
-                                           for i in range(0, len(names), cfg.size)], reads=("size",)))
-PACKING.register("hessian")(PackingPolicy(form=lambda names, scores, cfg, seed: hessian_packs(scores),
-                                          needs_scores=True))
-PACKING.register("random")(PackingPolicy(form=_random_packs, needs_scores=True, reads=("seed",)))
-PACKING.register("manual")(PackingPolicy(form=_manual, required=("packs",), reads=("packs",)))
+def run(ctx, cfg: PackingConfig, names: List[str], scores: Optional[Sequence[float]]) -> List[List[int]]:
+    """The pack phase (``ctx``: the run's ``context.RunContext``): the packs of ``cfg.policy``
+    over the blocks ``names`` (``scores``: S per block, or None), recorded in ``packs.json``
+    (on resume they must equal the stored ones)."""
+    with ctx.phase("pack", precision=False):
+        packs = make_packs(cfg, names, scores, ctx.seed)
+        ctx.rd.record("packs.json", {"policy": cfg.policy, "packs": [[names[i] for i in p] for p in packs]})
+        ctx.log_table("packing/packs", ["pack", "blocks"], [[j, " ".join(names[i] for i in p)]
+                                                            for j, p in enumerate(packs)])
+    return packs

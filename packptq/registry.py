@@ -2,7 +2,7 @@
 bit allocators and loggers. Unknown names fail with the list of known ones."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Generic, Iterator, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, Optional, TypeVar
 
 from packptq.config import ConfigError
 
@@ -21,11 +21,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: Dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
+    def register(self, name: str, make: Optional[Callable[[Any], T]] = None) -> Callable[[Any], Any]:
+        """A decorator that registers the definition below it as ``name``: the object itself,
+        or ``make(obj)`` (e.g. an instance of a decorated class, an entry wrapping a decorated
+        function); the definition is returned unchanged."""
+        def deco(obj):
             if name in self._items:
                 raise KeyError(f"{self.kind} '{name}' is registered twice")
-            self._items[name] = obj
+            self._items[name] = obj if make is None else make(obj)
             return obj
 
         return deco

@@ -56,40 +56,36 @@ def taylor_terms(z_fp: torch.Tensor, z_q: torch.Tensor, loss_fn: LossFn, fp_loss
     return float(num), float(dz.pow(2).flatten(1).sum(1).sum()), float(dz.abs().flatten(1).mean(1).sum())
 
 
-def _taylor(loss: Callable[[Callable, torch.Tensor, torch.Tensor], LossFn], fp_loss_zero: bool) -> ScoreLoss:
-    """A score from the second-order expansion of the loss ``loss(rest, fp_logits, labels)``:
-    S = sum 2 (l(z_q) - l(z_fp) - g.dz) / sum ||dz||^2, omega = S * mean over samples of mean|dz|."""
+def taylor_score(name: str, fp_loss_zero: bool = False) -> Callable:
+    """Register, as the score ``name``, the second-order expansion of the loss built by the
+    function it decorates, ``loss(rest, fp_logits, labels) -> l``:
+    S = sum 2 (l(z_q) - l(z_fp) - g.dz) / sum ||dz||^2, omega = S * mean over samples of mean|dz|.
+    With ``fp_loss_zero`` (KL to the FP output) l(z_fp) = 0 and g = 0."""
 
-    def batch(z_fp, z_q, rest, pb, yb):
-        num, den, absdz = taylor_terms(z_fp, z_q, loss(rest, pb, yb), fp_loss_zero)
-        return {"num": num, "den": den, "absdz": absdz}
+    def make(loss: Callable[[Callable, torch.Tensor, torch.Tensor], LossFn]) -> ScoreLoss:
+        def batch(z_fp, z_q, rest, pb, yb):
+            num, den, absdz = taylor_terms(z_fp, z_q, loss(rest, pb, yb), fp_loss_zero)
+            return {"num": num, "den": den, "absdz": absdz}
 
-    def finish(t, n):
-        s = t["num"] / max(t["den"], 1e-30)
-        return s, s * t["absdz"] / n
+        def finish(t, n):
+            s = t["num"] / max(t["den"], 1e-30)
+            return s, s * t["absdz"] / n
 
-    return ScoreLoss(batch, finish)
+        return ScoreLoss(batch, finish)
 
-
-SCORE_LOSSES.register("kl")(_taylor(lambda rest, pb, yb: (lambda z: kl_per_sample(pb, rest(z))), True))
-SCORE_LOSSES.register("ce")(_taylor(lambda rest, pb, yb: (lambda z: F.cross_entropy(rest(z), yb, reduction="none")),
-                                    False))
+    return SCORE_LOSSES.register(name, make=make)
 
 
-def official_batch(z_fp, z_q, rest, pb, yb) -> Dict[str, float]:
-    """The official code's sums over one batch: the block-quantized model's output distribution
-    p_q is the target; ``kl`` is sum over samples of KL(p_q || p_fp); ``g`` is the gradient, with
-    respect to the FP block output, of the batch-mean KL(p_q || softmax(rest(z))) at z_fp; with
-    d = z_fp - z_q: ``gd`` = sum(g * d), ``sq`` = sum(d * d / 2), ``abs`` = sum|d| and ``elems``
-    the number of output elements."""
-    with torch.no_grad():
-        pq = rest(z_q)
-    z0 = z_fp.detach().requires_grad_(True)
-    batch_kl = kl_per_sample(pq, rest(z0)).mean()
-    (g,) = torch.autograd.grad(batch_kl, z0)
-    d = (z_fp - z_q).detach().double()
-    return {"kl": float(kl_per_sample(pq, pb).double().sum()), "gd": float((g.double() * d).sum()),
-            "sq": float(0.5 * d.pow(2).sum()), "abs": float(d.abs().sum()), "elems": d.numel()}
+@taylor_score("kl", fp_loss_zero=True)
+def _kl(rest, pb, yb) -> LossFn:
+    """KL of the FP output distribution to the network's with block output z."""
+    return lambda z: kl_per_sample(pb, rest(z))
+
+
+@taylor_score("ce")
+def _ce(rest, pb, yb) -> LossFn:
+    """Cross-entropy of the network's output with block output z against the labels."""
+    return lambda z: F.cross_entropy(rest(z), yb, reduction="none")
 
 
 def official_finish(t: Dict[str, float], n: int) -> Tuple[float, float]:
@@ -100,7 +96,21 @@ def official_finish(t: Dict[str, float], n: int) -> Tuple[float, float]:
     return s, s * t["abs"] / N
 
 
-SCORE_LOSSES.register("official")(ScoreLoss(official_batch, official_finish))
+@SCORE_LOSSES.register("official", make=lambda batch: ScoreLoss(batch, official_finish))
+def official_batch(z_fp, z_q, rest, pb, yb) -> Dict[str, float]:
+    """The official code's sums over one batch: the block-quantized model's output distribution
+    p_q is the target; ``kl`` is sum over samples of KL(p_q || p_fp); ``g`` is the gradient, with
+    respect to the FP block output, of the batch-mean KL(p_q || softmax(rest(z))) at z_fp; with
+    d = z_fp - z_q: ``gd`` = sum(g * d), ``sq`` = sum(d * d / 2), ``abs`` = sum|d| and ``elems``
+    the number of output elements. ``official_finish`` turns the sums into the score."""
+    with torch.no_grad():
+        pq = rest(z_q)
+    z0 = z_fp.detach().requires_grad_(True)
+    batch_kl = kl_per_sample(pq, rest(z0)).mean()
+    (g,) = torch.autograd.grad(batch_kl, z0)
+    d = (z_fp - z_q).detach().double()
+    return {"kl": float(kl_per_sample(pq, pb).double().sum()), "gd": float((g.double() * d).sum()),
+            "sq": float(0.5 * d.pow(2).sum()), "abs": float(d.abs().sum()), "elems": d.numel()}
 
 
 def _rest(blocks: Sequence[nn.Module], suffix: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -142,3 +152,26 @@ def hessian_scores(fp_split, q_split, x: torch.Tensor, y: torch.Tensor, loss: st
         omega.append(o)
         h = forward_all(fp_blocks[b], h, batch_size, device)
     return {"names": fp_split.block_names, "S": S, "omega": omega, "loss": loss}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The score phase's output: block ``names``, S_b and omega_b per block, the score ``loss``."""
+
+    names: List[str]
+    S: List[float]
+    omega: List[float]
+    loss: str
+
+
+def run(ctx, loss: str, twins, x: torch.Tensor, y: torch.Tensor) -> Scores:
+    """The score phase (``ctx``: the run's ``context.RunContext``; ``twins``: ``twins.Twins``):
+    ``hessian_scores`` of every block with ``loss`` (``packing.loss``) on the calibration
+    inputs ``x`` and labels ``y``, written to ``scores.json`` once and read back on resume."""
+    with ctx.phase("score"):
+        rec = ctx.rd.cached_json("scores.json", lambda: hessian_scores(
+            twins.fsplit, twins.qsplit, x, y, loss, batch_size=ctx.batch_size, device=ctx.device,
+            progress=ctx.progress))
+        s = Scores(rec["names"], rec["S"], rec["omega"], rec["loss"])
+        ctx.log_table("packing/scores", ["block", "S", "omega"], [list(r) for r in zip(s.names, s.S, s.omega)])
+    return s

@@ -3,6 +3,7 @@ PACKPTQ_CACHE (tests never touch ~/.cache), Hydra composition of the real config
 setting, and one FP-trained tiny resnet18 reused by every test that needs a trained model."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -100,12 +101,29 @@ def trained_tiny(tmp_path_factory):
 def no_heavy_compute(monkeypatch):
     """Any FP training, calibration or block scoring reached during the test fails it: bad
     input must be reported before heavy compute."""
-    from packptq import fp, pipeline
+    from packptq import calibration, fp, scores
 
     def boom(*a, **k):
         raise AssertionError("heavy compute reached before the bad input was reported")
 
     monkeypatch.setattr(fp, "train_or_load", boom)
     monkeypatch.setattr(fp, "_train", boom)
-    monkeypatch.setattr(pipeline, "calibrate_twins", boom)
-    monkeypatch.setattr(pipeline, "hessian_scores", boom)
+    monkeypatch.setattr(calibration, "calibrate_twins", boom)
+    monkeypatch.setattr(scores, "hessian_scores", boom)
+
+
+@pytest.fixture
+def packptq_log(caplog):
+    """The records of the library's ``packptq`` logger at INFO and above, as ``caplog.text``
+    (its handler is attached to that logger: the command line's set-up stops propagation)."""
+    lg = logging.getLogger("packptq")
+    level, propagate = lg.level, lg.propagate
+    lg.addHandler(caplog.handler)
+    lg.setLevel(logging.INFO)
+    lg.propagate = False  # each record once (caplog's handler also sits on the root logger)
+    try:
+        yield caplog
+    finally:
+        lg.removeHandler(caplog.handler)
+        lg.setLevel(level)
+        lg.propagate = propagate

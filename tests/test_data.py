@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -398,12 +397,10 @@ def test_modelnet40_bad_input(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # shapes
 # ---------------------------------------------------------------------------------------------
-def test_shapes_is_deterministic_balanced_and_fast():
+def test_shapes_is_deterministic_and_balanced():
     assert len(SHAPES) >= 8
-    t = time.process_time()
     d = dm(name="shapes")  # the default sizes: 2000 + 500 clouds of 256 points
     d.setup()
-    assert time.process_time() - t < 2.0
     x, y = d.train_set.tensors
     assert x.shape == (2000, 256, 3) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.bincount(y).tolist() == [200] * len(SHAPES)

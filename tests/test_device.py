@@ -81,7 +81,7 @@ def test_trainer_settings_reach_every_phase(trained_tiny, tmp_path, monkeypatch)
     checkpoint): the device device_of returns for those settings is the one calibration,
     scoring, reconstruction and evaluation use; their forwards run under bfloat16 autocast;
     every unit's Trainer gets the trainer section."""
-    from packptq import pipeline
+    from packptq import calibration, context, evaluate, pipeline, scores
     from packptq.recon import unit as recon_unit
 
     seen = {}
@@ -92,17 +92,19 @@ def test_trainer_settings_reach_every_phase(trained_tiny, tmp_path, monkeypatch)
         assert device_of(kw) == torch.device("cpu")
         return marker
 
-    def spy(name, fn, device_at):
+    def spy(module, name, device_at):
+        fn = getattr(module, name)
+
         def wrapped(*a, **k):
             dev = k["device"] if isinstance(device_at, str) else a[device_at]
             seen.setdefault(name, []).append((dev, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
             return fn(*a, **k)
-        monkeypatch.setattr(pipeline, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
-    monkeypatch.setattr(pipeline, "device_of", spy_device_of)
-    spy("calibrate_twins", pipeline.calibrate_twins, 6)
-    spy("hessian_scores", pipeline.hessian_scores, "device")
-    spy("evaluate", pipeline.evaluate, 2)
+    monkeypatch.setattr(context, "device_of", spy_device_of)
+    spy(calibration, "calibrate_twins", 6)
+    spy(scores, "hessian_scores", "device")
+    spy(evaluate, "evaluate", 2)
     make_trainer = recon_unit.make_trainer
 
     def spy_make_trainer(kw, *a, **k):

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_cfg, tiny_overrides
-from packptq import fp, pipeline
+from packptq import calibration, fp, pipeline
 from packptq.config import ConfigError, RunFailure
 
 
@@ -326,14 +325,15 @@ def test_second_writer_of_a_run_directory_is_refused(tmp_path):
 def test_fp_model_near_chance_is_refused_before_quantizing(tmp_path, monkeypatch):
     monkeypatch.setattr(fp, "obtain", lambda model, *a, **k: model.eval())  # the untrained network
     calls = []
-    monkeypatch.setattr(pipeline, "calibrate_twins", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(calibration, "calibrate_twins", lambda *a, **k: calls.append(1))
     refuse(tmp_path / "run", [], r"FP model's top-1 is .* near chance \(10.00% for 10 classes\)")
     assert not calls
 
 
-def test_near_chance_given_weights_warn(capsys):
+def test_near_chance_given_weights_warn(packptq_log):
     fp.check_not_chance(9.0, 10, trained_here=False, where=None)
-    assert "packptq: warning: the FP model's top-1 is 9.00%" in capsys.readouterr().err
+    (rec,) = packptq_log.records
+    assert rec.levelname == "WARNING" and rec.getMessage().startswith("the FP model's top-1 is 9.00%")
     fp.check_not_chance(50.0, 10, trained_here=True, where="x")  # well above chance: silent
     with pytest.raises(ConfigError, match="delete x to retrain"):
         fp.check_not_chance(9.0, 10, trained_here=True, where="x")
@@ -384,13 +384,22 @@ def test_concurrent_jobs_train_one_fp_model_once(tmp_path, trained_tiny, monkeyp
 
     mcfg = typed(ModelConfig, cfg.model, "model")
     trained = []
+    training, release = threading.Event(), threading.Event()
+    at_lock = threading.Semaphore(0)  # one release per job that reaches the cache entry's lock
+    real_locked = fp._locked
 
-    def fake_train(model, *a, **k):
+    def locked(path):
+        at_lock.release()
+        return real_locked(path)
+
+    def fake_train(model, *a, **k):  # holds the lock until the second job waits on it
         trained.append(threading.get_ident())
-        time.sleep(0.5)
+        training.set()
+        assert release.wait(120)
         model.load_state_dict(model0.state_dict())
 
     monkeypatch.setattr(fp, "_train", fake_train)
+    monkeypatch.setattr(fp, "_locked", locked)
     import copy
 
     out = {}
@@ -399,7 +408,11 @@ def test_concurrent_jobs_train_one_fp_model_once(tmp_path, trained_tiny, monkeyp
         out[i] = fp.train_or_load(copy.deepcopy(model0), dm, mcfg, dm.cfg, tmp_path, {})
 
     threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
-    [t.start() for t in threads]
+    threads[0].start()
+    assert training.wait(120)  # the first job trains, holding the lock
+    threads[1].start()
+    assert at_lock.acquire(timeout=120) and at_lock.acquire(timeout=120)  # the second found no entry: it waits
+    release.set()
     [t.join() for t in threads]
     assert len(trained) == 1 and out[0][1] == out[1][1]
     assert sorted(p.name for p in (tmp_path / "fp").iterdir() if not p.name.endswith(".lock")) == \

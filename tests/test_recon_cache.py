@@ -14,13 +14,14 @@ from torch import nn
 from packptq.artifacts import RunDir
 from packptq.calibration import calibrate_twins
 from packptq.config import ConfigError, typed
+from packptq.context import RunContext
 from packptq.evaluate import capture, forward_all
 from packptq.quant import QuantConfig, QuantLayer
 from packptq.recon import ReconSequence, plan_units
 from packptq.recon import sequence as seq_mod
 from packptq.recon.cache import (IN_FLIGHT, MODES, ActivationCache, CachePlan, FileStore, MemStore, capture_batch,
                                  capture_into, choose_modes, forward_into, human, parse_bytes)
-from packptq.recon.unit import ReconConfig, reconstruct_unit
+from packptq.recon.unit import ReconConfig, UnitRun, reconstruct_unit
 from packptq.zoo.build import ModelConfig, build_model
 
 from conftest import compose_cfg
@@ -196,7 +197,7 @@ def test_unit_reconstruction_from_a_disk_cache_gives_the_losses_of_memory(tmp_pa
         if disk:
             tensors = [forward_into(lambda h: h, MemStore.of(t), 16, CPU,
                                     lambda s, k=k: FileStore(tmp_path / f"{k}.f32", 64, s)) for k, t in enumerate(tensors)]
-        losses.append(reconstruct_unit(unit, ActivationCache(*tensors), cfg, "layer_00", seed=5, trainer_kwargs=TRAINER))
+        losses.append(reconstruct_unit(unit, ActivationCache(*tensors), cfg, UnitRun("layer_00", seed=5, trainer_kwargs=TRAINER)))
     assert len(losses[0]) == 12 and losses[0] == losses[1]
 
 
@@ -216,8 +217,7 @@ def sequence(twins_setup, tmp_path, kind="packs", **recon) -> ReconSequence:
     twins = copy.deepcopy(twins_setup[0])
     units = plan_units(kind, [[0, 1, 2, 3], [4, 5, 6, 7]], twins)
     cfg = ReconConfig(iters=3, batch_size=8, log_every=1000, **recon)
-    return ReconSequence(twins, units, cfg, RunDir(tmp_path), seed=0, batch_size=16, trainer_kwargs=TRAINER,
-                         progress=False)
+    return ReconSequence(RunContext(RunDir(tmp_path), CPU, TRAINER, seed=0, batch_size=16), twins, units, cfg)
 
 
 def run_sequence(twins_setup, tmp_path, kind="packs", **recon):
@@ -225,13 +225,13 @@ def run_sequence(twins_setup, tmp_path, kind="packs", **recon):
     return seq.run(twins_setup[1]), seq
 
 
-def test_sequence_gives_the_same_losses_from_a_disk_cache(twins_setup, tmp_path, capsys):
+def test_sequence_gives_the_same_losses_from_a_disk_cache(twins_setup, tmp_path, packptq_log):
     keep, _ = run_sequence(twins_setup, tmp_path / "keep", cache_mode="keep")
     disk, seq = run_sequence(twins_setup, tmp_path / "disk", cache_mode="disk")
     assert keep == disk and len(keep) == 4 and all(len(v) == 3 for v in keep.values())
     assert [p.mode for p in seq.plans] == ["disk"] * 4
     assert not (tmp_path / "disk" / seq_mod.CACHE_DIR).exists()  # files removed as units finish
-    out = capsys.readouterr().out
+    out = packptq_log.text
     assert "recon.cache_mode=disk" in out and "pack_01" in out
 
 
@@ -258,7 +258,7 @@ def test_an_impossible_budget_is_refused_before_any_unit_is_fitted(twins_setup, 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-def test_auto_moves_only_the_units_over_the_budget_to_a_cheaper_mode(twins_setup, tmp_path, capsys):
+def test_auto_moves_only_the_units_over_the_budget_to_a_cheaper_mode(twins_setup, tmp_path, packptq_log):
     plans = sequence(twins_setup, tmp_path / "a").plan_cache(twins_setup[1])
     assert all(p.mode == "keep" for p in plans)  # no budget: everything in float32 memory
     keep = {p.key: p.memory("keep", 8) for p in plans}
@@ -268,7 +268,7 @@ def test_auto_moves_only_the_units_over_the_budget_to_a_cheaper_mode(twins_setup
     for p in plans:
         assert p.mode == "keep" if keep[p.key] <= budget else p.mode != "keep", p
         assert p.memory(p.mode, 8) <= budget
-    out = capsys.readouterr().out
+    out = packptq_log.text
     largest = max(keep, key=keep.get)
     assert f"recon.cache_budget={human(budget)}" in out
     assert [line for line in out.splitlines() if line.strip().startswith(largest)][-1].split()[1] == \

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from packptq.quant import QuantConfig, QuantLayer, WeightQuantizer, calibrate, fold_bn, quantize_model
-from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, reconstruct_unit, rec_loss
+from packptq.recon.unit import ActivationCache, ReconConfig, UnitReconstruction, UnitRun, reconstruct_unit, rec_loss
 from packptq.zoo import split_model
 
 from conftest import tiny_cfg
@@ -78,7 +78,7 @@ def test_block_loss_falls_and_beats_rtn(trained_tiny, w_bits, a_bits):
     unit, calib, test = block_setup(trained_tiny, w_bits, a_bits)
     rtn_calib, rtn_test = block_err(unit, calib), block_err(unit, test)
     cfg = ReconConfig(iters=200, batch_size=32, log_every=1000)
-    losses = reconstruct_unit(unit, ActivationCache(*calib), cfg, "pack_00", seed=0, trainer_kwargs=TRAINER)
+    losses = reconstruct_unit(unit, ActivationCache(*calib), cfg, UnitRun("pack_00", seed=0, trainer_kwargs=TRAINER))
     assert len(losses) == 200
     k = len(losses) // 10
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
@@ -97,8 +97,8 @@ def test_reconstruction_is_deterministic_per_seed(trained_tiny):
     outs = []
     for seed in (0, 0, 1):
         unit, calib, _ = block_setup(trained_tiny, 3, 3, block=1)
-        reconstruct_unit(unit, ActivationCache(*calib), ReconConfig(iters=15, log_every=1000), "u", seed,
-                         trainer_kwargs=TRAINER)
+        reconstruct_unit(unit, ActivationCache(*calib), ReconConfig(iters=15, log_every=1000),
+                         UnitRun("u", seed, trainer_kwargs=TRAINER))
         outs.append({k: v.clone() for k, v in unit.state_dict().items()})
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     assert any(not torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
@@ -133,7 +133,7 @@ def sign_cache(n: int = 64) -> ActivationCache:
 def test_qdrop_mixes_quantized_and_fp_inputs(drop_prob):
     unit = Recorder()
     cfg = ReconConfig(iters=30, batch_size=16, drop_prob=drop_prob, log_every=1000)
-    reconstruct_unit(unit, sign_cache(), cfg, "layer_00", seed=0, trainer_kwargs=TRAINER)
+    reconstruct_unit(unit, sign_cache(), cfg, UnitRun("layer_00", seed=0, trainer_kwargs=TRAINER))
     seen = torch.cat(unit.seen)
     assert len(unit.seen) == 30 and seen.abs().eq(1).all()
     frac_q = float((seen > 0).float().mean())
@@ -152,7 +152,7 @@ def test_qdrop_mixes_quantized_and_fp_inputs(drop_prob):
 def test_qdrop_inside_sets_the_unit_quantizers_then_freezes():
     unit = Recorder()
     cfg = ReconConfig(iters=10, batch_size=8, drop_prob=0.7, drop_inside=True, log_every=1000)
-    reconstruct_unit(unit, sign_cache(), cfg, "layer_00", seed=0, trainer_kwargs=TRAINER)
+    reconstruct_unit(unit, sign_cache(), cfg, UnitRun("layer_00", seed=0, trainer_kwargs=TRAINER))
     # inside the unit each element keeps its FP value with probability 1 - drop_prob
     assert all(p == pytest.approx(0.3) and t for p, t in unit.aq_state)
     assert unit.layer.aq.drop_prob == 0.0 and not unit.layer.aq.training  # frozen afterwards
@@ -177,7 +177,7 @@ def test_regulariser_enters_the_loss_only_after_warmup():
     unit = Recorder()
     log = MemoryLogger()
     cfg = ReconConfig(iters=20, batch_size=8, warmup=0.5, log_every=1, reg_lambda=1.0)
-    reconstruct_unit(unit, sign_cache(), cfg, "layer_00", seed=0, trainer_kwargs=TRAINER, logger=log)
+    reconstruct_unit(unit, sign_cache(), cfg, UnitRun("layer_00", seed=0, trainer_kwargs=TRAINER, logger=log))
     rows = sorted((s, m) for s, m in log.records if "recon/layer_00/loss" in m)
     assert [s for s, _ in rows] == list(range(20))
     for s, m in rows:
@@ -254,8 +254,8 @@ def test_units_without_parameters_are_frozen_without_training():
     unit = QuantLayer(nn.Linear(4, 3), 4, 4)
     unit.wq.enabled = False  # nothing to learn: weights off, act quantizer not calibrated
     cache = ActivationCache(torch.randn(8, 4), torch.randn(8, 4), torch.randn(8, 3))
-    assert reconstruct_unit(unit, cache, ReconConfig(iters=5), "u", 0, trainer_kwargs=TRAINER) == []
-    assert reconstruct_unit(QuantLayer(nn.Linear(4, 3), 4, 4), cache, ReconConfig(iters=0), "u", 0) == []
+    assert reconstruct_unit(unit, cache, ReconConfig(iters=5), UnitRun("u", 0, trainer_kwargs=TRAINER)) == []
+    assert reconstruct_unit(QuantLayer(nn.Linear(4, 3), 4, 4), cache, ReconConfig(iters=0), UnitRun("u", 0)) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +329,7 @@ def test_gradient_clipping_from_the_trainer_section_reaches_the_manual_step():
             y = layer(x)
         cache = ActivationCache(x, x, y)
         kw = dict(accelerator="cpu", enable_progress_bar=False, **trainer_kwargs)
-        return reconstruct_unit(ql, cache, ReconConfig(iters=20, learn_act=False, batch_size=16), "u", 0, -1, kw)
+        return reconstruct_unit(ql, cache, ReconConfig(iters=20, learn_act=False, batch_size=16), UnitRun("u", 0, -1, kw))
 
     free = fit({})
     clipped = fit({"gradient_clip_val": 1e-6})
@@ -357,13 +357,13 @@ def test_the_fit_leaves_nothing_alive_and_the_collector_as_it_was():
     watch = Watch()
     kw = {**TRAINER, "callbacks": [watch]}
     assert gc.get_freeze_count() == 0
-    reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16), "layer_00", 0, trainer_kwargs=kw)
+    reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16), UnitRun("layer_00", 0, trainer_kwargs=kw))
     assert len(watch.refs) > 3 and all(r() is None for r in watch.refs)
     assert gc.get_freeze_count() == 0
     gc.freeze()  # the caller's
     try:
-        reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16), "layer_00", 0,
-                         trainer_kwargs=kw)
+        reconstruct_unit(Recorder(), sign_cache(), ReconConfig(iters=4, batch_size=16),
+                         UnitRun("layer_00", 0, trainer_kwargs=kw))
         assert all(r() is None for r in watch.refs)
         assert gc.get_freeze_count() > 0  # not thawed by the unit
     finally:

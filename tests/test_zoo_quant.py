@@ -15,12 +15,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+import packptq.schemas  # noqa: F401  (the typed bases conf/model/*.yaml extend, as the command line has them)
 from conftest import CONF
 from packptq.config import typed
 from packptq.recon.sequence import channel_dim as _channel_dim
 from packptq.quant import (QAttention, QuantConfig, QuantLayer, QWindowAttention, WeightQuantizer, calibrate,
                            fold_bn, quantize_model)
-from packptq.recon import ActivationCache, ReconConfig, reconstruct_unit
+from packptq.recon import ActivationCache, ReconConfig, UnitRun, reconstruct_unit
 from packptq.zoo import check_split, split_model
 from packptq.zoo.build import ModelConfig, build_model
 
@@ -128,8 +129,8 @@ def test_zoo_quantizes_and_reconstructs(stem, override, kwargs, shape, n_blocks,
         f_out = chain_f(f_in)
     cache = ActivationCache(q_in, f_in, f_out)
     rcfg = ReconConfig(iters=4, batch_size=4, log_every=1)
-    losses = reconstruct_unit(unit, cache, rcfg, "pack_00", seed=0, channel_dim=_channel_dim(unit),
-                              trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    losses = reconstruct_unit(unit, cache, rcfg, UnitRun("pack_00", seed=0, channel_dim=_channel_dim(unit),
+                              trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False}))
     assert len(losses) == rcfg.iters and all(math.isfinite(v) for v in losses)
     wqs = [m for m in unit.modules() if isinstance(m, WeightQuantizer)]
     assert wqs and all(m.mode == "hard" and m.alpha is not None for m in wqs)

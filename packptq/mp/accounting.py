@@ -11,8 +11,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from packptq.mp.allocators import Allocation
-from packptq.mp.config import MAX_BITS, MIN_BITS, MPConfig
+from packptq.mp.config import MAX_BITS, MIN_BITS, Allocation
 from packptq.quant import act_quantizers, quant_layers
 
 BITS_JSON_VERSION = 1
@@ -88,15 +87,6 @@ def avg_act_bits(act_elems: Sequence[int], bits: Sequence[int]) -> float:
     """Average bits per activation element: weighted by ``act_elems``, the quantized activation
     elements per sample (one input image) of each quantizer or group."""
     return _weighted_mean(act_elems, bits, "avg_act_bits")
-
-
-def act_bits(cfg: MPConfig, w_target: int, a_target: int, bits: Sequence[int]) -> List[int]:
-    """Activation bits per pack. ``fixed``: all at ``a_target``. ``follow``: shifted with the
-    pack's weight bits, ``a_target + (b_j - w_target)`` clipped to 2..8 (for W=A targets this is
-    the pack's own bits, as in the official code)."""
-    if cfg.acts == "fixed":
-        return [int(a_target)] * len(bits)
-    return [min(MAX_BITS, max(MIN_BITS, int(a_target) + int(b) - int(w_target))) for b in bits]
 
 
 def model_size_bytes(layers: Sequence[Tuple[int, int, int, bool]]) -> int:

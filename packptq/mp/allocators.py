@@ -21,124 +21,20 @@ Entry points
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from packptq.config import ConfigError
-from packptq.mp.config import (ALLOCATORS, MAX_BITS, MIN_BITS, Allocator, MPConfig, boundary_bits,
-                               resolve_candidates)
+from packptq.mp.config import (ALLOCATORS, MAX_BITS, MIN_BITS, Allocation, Allocator, MPConfig, MPProblem,
+                               boundary_bits, resolve_candidates)
 from packptq.mp.solver import _chain_cost, budget_bits, solve_mckp, solve_mckp_multi
 
 #: cost(j, bits) -> float, or a table indexed as table[j][bits] (rows may be dicts keyed by bits,
 #: or sequences indexed by the bit value itself, e.g. a [n_packs, 9] array).
 CostLike = Union[Callable[[int, int], float], Sequence[Mapping[int, float]],
                  Sequence[Sequence[float]], np.ndarray]
-
-
-# ---------------------------------------------------------------------------------------------
-# problem and result
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MPProblem:
-    """Everything an allocator needs, validated. Built by ``make_problem``.
-
-    costs: [n_packs, n_candidates] float64 aligned with ``candidates`` (ascending), or None.
-    omega: [n_packs] float64, or None."""
-
-    cfg: MPConfig
-    target_bits: int
-    candidates: Tuple[int, ...]
-    sizes: Tuple[int, ...]
-    prefix_bits: int
-    suffix_bits: int
-    prefix_weights: int
-    suffix_weights: int
-    costs: Optional[np.ndarray]
-    omega: Optional[np.ndarray]
-    #: activation elements per sample quantized inside each pack / the prefix / the suffix (the
-    #: official rule counts them in its storage budget); None when not given
-    pack_acts: Optional[Tuple[int, ...]] = None
-    prefix_acts: int = 0
-    suffix_acts: int = 0
-    #: the target activation bits (quant.a_bits), when the activation accounting is known
-    a_target: Optional[int] = None
-
-    def act_bits_of(self, w_bits: int) -> int:
-        """Activation bits that go with weight bits ``w_bits`` under ``mp.acts``."""
-        from packptq.mp.accounting import act_bits
-
-        return act_bits(self.cfg, self.target_bits, self.a_target, [w_bits])[0]
-
-    @property
-    def n_acts(self) -> int:
-        return sum(self.pack_acts or ()) + self.prefix_acts + self.suffix_acts
-
-    @property
-    def n_weights(self) -> int:
-        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
-
-    @property
-    def fixed_bits(self) -> int:
-        """Bits spent on the prefix and suffix weights."""
-        return self.prefix_bits * self.prefix_weights + self.suffix_bits * self.suffix_weights
-
-
-@dataclass(frozen=True)
-class Allocation:
-    """A bit allocation and its honest accounting.
-
-    bits: [n_packs] weight bits per pack. total_bits: weight bits over all quantized weights
-    (packs + prefix + suffix); avg_bits = total_bits / n_weights (bits per weight).
-    budget_avg_bits / budget_bits: the cap per weight and in total bits (None for ``none``).
-    cost: summed sensitivity of the chosen bits (None when no cost table was available).
-    solver: how ``budget`` solved it ("dp", "milp", "milp-time-limit", see ``solve_mckp``);
-    None for the rule-based policies."""
-
-    policy: str
-    target_bits: int
-    candidates: Tuple[int, ...]
-    bits: Tuple[int, ...]
-    sizes: Tuple[int, ...]
-    prefix_bits: int
-    suffix_bits: int
-    prefix_weights: int
-    suffix_weights: int
-    total_bits: int
-    avg_bits: float
-    budget_avg_bits: Optional[float]
-    budget_bits: Optional[int]
-    cost: Optional[float]
-    solver: Optional[str] = None
-    #: bits per activation element achieved / allowed, when activations are accounted
-    a_avg_bits: Optional[float] = None
-    a_budget_avg_bits: Optional[float] = None
-
-    @property
-    def n_weights(self) -> int:
-        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
-
-    def summary(self) -> Dict[str, Any]:
-        """JSON-ready dict of every field (tuples become lists)."""
-        out = asdict(self)
-        for k, v in out.items():
-            if isinstance(v, tuple):
-                out[k] = list(v)
-        out["n_weights"] = self.n_weights
-        return out
-
-    def describe(self) -> str:
-        """One line for the log: policy, per-pack bits, achieved vs budget average bits."""
-        budget = "n/a" if self.budget_avg_bits is None else f"{self.budget_avg_bits:g}"
-        cost = "n/a" if self.cost is None else f"{self.cost:.6g}"
-        return (
-            f"mp={self.policy} target=W{self.target_bits} bits={list(self.bits)} "
-            f"prefix/suffix={self.prefix_bits}/{self.suffix_bits} "
-            f"avg_w_bits={self.avg_bits:.4f} (budget {budget}) over {self.n_weights} weights, "
-            f"cost={cost}" + (f" solver={self.solver}" if self.solver else "")
-        )
 
 
 def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
@@ -331,16 +227,20 @@ def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
 # ---------------------------------------------------------------------------------------------
 # the allocators
 # ---------------------------------------------------------------------------------------------
-def _register(cls):
-    ALLOCATORS.register(cls.name)(cls())
-    return cls
+def allocator(name: str) -> Callable[[type], type]:
+    """Register one instance of the ``Allocator`` subclass it decorates as ``mp.policy=name``."""
+
+    def make(cls: type) -> Allocator:
+        cls.name = name
+        return cls()
+
+    return ALLOCATORS.register(name, make=make)
 
 
-@_register
+@allocator("none")
 class NoneAllocator(Allocator):
     """Every pack at the target bits; the pipeline keeps the quant config's bits everywhere."""
 
-    name = "none"
     takes_candidates = False
     sets_bits = False
 
@@ -351,12 +251,11 @@ class NoneAllocator(Allocator):
         return _finalize(p, [p.target_bits] * len(p.sizes), None, None)
 
 
-@_register
+@allocator("budget")
 class BudgetAllocator(Allocator):
     """Exact minimum-cost allocation with average weight bits <= avg_bits (``solve_mckp``).
     Default candidates: [target-1, target, target+1] clipped to 2..8."""
 
-    name = "budget"
     reads_avg_bits = True
 
     def default_candidates(self, target_bits: int) -> Tuple[int, ...]:
@@ -402,7 +301,7 @@ class BudgetAllocator(Allocator):
 OFFICIAL_CHOICES = {3: (2, 3, 4), 4: (3, 4, 6), 6: (4, 6, 8)}
 
 
-@_register
+@allocator("official")
 class OfficialAllocator(Allocator):
     """The official Pack-PTQ rule (its ``mixed_precision.py``), point by point:
 
@@ -421,7 +320,6 @@ class OfficialAllocator(Allocator):
     6. a pack's activations take its bits (``mp.acts=follow``).
     Without activation counts (``acts`` not given) storage is weights alone."""
 
-    name = "official"
     sensitivity = "omega"
     pack_omega = "mean"
     score_loss = "official"

@@ -6,18 +6,19 @@ Whether ``avg_bits`` is reachable depends on the model, so it is checked by
 ``packptq.mp.allocators.check_feasible``, whose error names the feasible range.
 
 The registry ``ALLOCATORS`` lives here so that the config can consult it; its entries are
-registered by ``packptq.mp.allocators``, which ``packptq.mp`` always imports."""
+registered by ``packptq.mp.allocators``, which ``packptq.mp`` always imports. The interface's
+data live here too: ``MPProblem`` (what an allocator is given), ``Allocation`` (what it returns)
+and ``act_bits`` (the activation bits that go with a pack's weight bits under ``mp.acts``)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from packptq.config import ConfigError
 from packptq.registry import Registry
-
-if TYPE_CHECKING:  # annotations only
-    from packptq.mp.allocators import Allocation, MPProblem
 
 MIN_BITS, MAX_BITS = 2, 8
 SENSITIVITIES = ("kl", "omega")
@@ -196,3 +197,113 @@ def boundary_bits(cfg: MPConfig, target_bits: int,
     prefix = cfg.prefix_bits if cfg.prefix_bits is not None else default
     suffix = cfg.suffix_bits if cfg.suffix_bits is not None else default
     return prefix, suffix
+
+
+def act_bits(cfg: MPConfig, w_target: int, a_target: int, bits: Sequence[int]) -> List[int]:
+    """Activation bits per pack. ``fixed``: all at ``a_target``. ``follow``: shifted with the
+    pack's weight bits, ``a_target + (b_j - w_target)`` clipped to 2..8 (for W=A targets this is
+    the pack's own bits, as in the official code)."""
+    if cfg.acts == "fixed":
+        return [int(a_target)] * len(bits)
+    return [min(MAX_BITS, max(MIN_BITS, int(a_target) + int(b) - int(w_target))) for b in bits]
+
+
+# ---------------------------------------------------------------------------------------------
+# problem and result
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MPProblem:
+    """Everything an allocator needs, validated. Built by ``make_problem``.
+
+    costs: [n_packs, n_candidates] float64 aligned with ``candidates`` (ascending), or None.
+    omega: [n_packs] float64, or None."""
+
+    cfg: MPConfig
+    target_bits: int
+    candidates: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    prefix_bits: int
+    suffix_bits: int
+    prefix_weights: int
+    suffix_weights: int
+    costs: Optional[np.ndarray]
+    omega: Optional[np.ndarray]
+    #: activation elements per sample quantized inside each pack / the prefix / the suffix (the
+    #: official rule counts them in its storage budget); None when not given
+    pack_acts: Optional[Tuple[int, ...]] = None
+    prefix_acts: int = 0
+    suffix_acts: int = 0
+    #: the target activation bits (quant.a_bits), when the activation accounting is known
+    a_target: Optional[int] = None
+
+    def act_bits_of(self, w_bits: int) -> int:
+        """Activation bits that go with weight bits ``w_bits`` under ``mp.acts``."""
+        return act_bits(self.cfg, self.target_bits, self.a_target, [w_bits])[0]
+
+    @property
+    def n_acts(self) -> int:
+        return sum(self.pack_acts or ()) + self.prefix_acts + self.suffix_acts
+
+    @property
+    def n_weights(self) -> int:
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+
+    @property
+    def fixed_bits(self) -> int:
+        """Bits spent on the prefix and suffix weights."""
+        return self.prefix_bits * self.prefix_weights + self.suffix_bits * self.suffix_weights
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A bit allocation and its honest accounting.
+
+    bits: [n_packs] weight bits per pack. total_bits: weight bits over all quantized weights
+    (packs + prefix + suffix); avg_bits = total_bits / n_weights (bits per weight).
+    budget_avg_bits / budget_bits: the cap per weight and in total bits (None for ``none``).
+    cost: summed sensitivity of the chosen bits (None when no cost table was available).
+    solver: how ``budget`` solved it ("dp", "milp", "milp-time-limit", see ``solve_mckp``);
+    None for the rule-based policies."""
+
+    policy: str
+    target_bits: int
+    candidates: Tuple[int, ...]
+    bits: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    prefix_bits: int
+    suffix_bits: int
+    prefix_weights: int
+    suffix_weights: int
+    total_bits: int
+    avg_bits: float
+    budget_avg_bits: Optional[float]
+    budget_bits: Optional[int]
+    cost: Optional[float]
+    solver: Optional[str] = None
+    #: bits per activation element achieved / allowed, when activations are accounted
+    a_avg_bits: Optional[float] = None
+    a_budget_avg_bits: Optional[float] = None
+
+    @property
+    def n_weights(self) -> int:
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-ready dict of every field (tuples become lists)."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = list(v)
+        out["n_weights"] = self.n_weights
+        return out
+
+    def describe(self) -> str:
+        """One line for the log: policy, per-pack bits, achieved vs budget average bits."""
+        budget = "n/a" if self.budget_avg_bits is None else f"{self.budget_avg_bits:g}"
+        cost = "n/a" if self.cost is None else f"{self.cost:.6g}"
+        return (
+            f"mp={self.policy} target=W{self.target_bits} bits={list(self.bits)} "
+            f"prefix/suffix={self.prefix_bits}/{self.suffix_bits} "
+            f"avg_w_bits={self.avg_bits:.4f} (budget {budget}) over {self.n_weights} weights, "
+            f"cost={cost}" + (f" solver={self.solver}" if self.solver else "")
+        )

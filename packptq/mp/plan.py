@@ -26,6 +26,8 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import logging
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -34,11 +36,13 @@ from torch import nn
 
 from packptq.config import ConfigError, typed
 from packptq.mp import sensitivity
-from packptq.mp.accounting import act_bits, act_count, bits_json, weight_count, weight_counts
+from packptq.mp.accounting import act_count, bit_accounting, bits_json, weight_count, weight_counts
 from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs
-from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, boundary_bits,
+from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, act_bits, boundary_bits,
                                resolve_candidates)
 from packptq.quant import QuantConfig
+
+log = logging.getLogger("packptq")
 
 
 def plan(section: Any, qcfg: QuantConfig) -> Optional["MixedPrecision"]:
@@ -106,16 +110,18 @@ class MixedPrecision:
         blocks, pre, suf = weight_counts(split)
         self.feasible = check_feasible(self.cfg, self.w_bits, blocks, pre, suf)
         lo, hi = self.feasible
-        print(f"[packptq] mp={self.cfg.policy}: candidates {list(self.candidates)}, prefix/suffix at "
-              f"{self.prefix_bits}/{self.suffix_bits} bits, reachable average [{lo:.4f}, {hi:.4f}] "
-              f"bits per weight" + (f", budget {self.target_avg_bits:g}" if self.target_avg_bits else ""))
+        log.info(f"mp={self.cfg.policy}: candidates {list(self.candidates)}, prefix/suffix at "
+                 f"{self.prefix_bits}/{self.suffix_bits} bits, reachable average [{lo:.4f}, {hi:.4f}] "
+                 f"bits per weight" + (f", budget {self.target_avg_bits:g}" if self.target_avg_bits else ""))
         return self.feasible
 
     # -- the bits phase -----------------------------------------------------------------------
-    def allocate(self, rd, twins, packs: List[List[int]], scores: Optional[dict], x_cal: torch.Tensor,
-                 progress: bool = False) -> List[int]:
+    def allocate(self, ctx, twins, packs: List[List[int]], block_omega: Optional[List[float]],
+                 x_cal: torch.Tensor) -> List[int]:
         """Choose and apply the bits of every pack; returns the per-pack weight bits.
 
+        ctx: the run's ``context.RunContext`` (run directory, progress); ``block_omega``: omega_b
+        per block (the score phase's), None without scores.
         twins: the quantized model and its FP reference, with attributes ``qmodel``, ``qsplit``,
         ``fsplit``, ``device`` and the QuantLayer names ``prefix_layers``, ``block_layers`` (per
         block) and ``suffix_layers``. Sets every QuantLayer (packs, prefix, suffix) via
@@ -130,9 +136,9 @@ class MixedPrecision:
         pre_w = weight_count([layers(n) for n in twins.prefix_layers])
         suf_w = weight_count([layers(n) for n in twins.suffix_layers])
         omega = None
-        if scores is not None and scores.get("omega") is not None:
+        if block_omega is not None:
             reduce = (lambda v: sum(v) / len(v)) if self.allocator.pack_omega == "mean" else sum
-            omega = [float(reduce([scores["omega"][b] for b in p])) for p in groups]
+            omega = [float(reduce([block_omega[b] for b in p])) for p in groups]
         q_blocks = [m for _, m in qsplit.blocks]
         acts = ([act_count([q_blocks[b] for b in p]) for p in groups],
                 act_count([layers(n) for n in twins.prefix_layers]),
@@ -140,11 +146,11 @@ class MixedPrecision:
         source = self.allocator.cost_source(self.cfg)
         cost = None
         if source == "kl":
-            cost = self._kl_table(rd, twins, groups, pack_names, x_cal, progress)
+            cost = self._kl_table(ctx.rd, twins, groups, pack_names, x_cal, ctx.progress)
         if self.needs_omega and omega is None:
             raise RuntimeError("mixed precision needs omega but the pipeline gave no scores")
         if source == "omega":
-            rd.write_json(SENSITIVITY_FILE, self._table_record(
+            ctx.rd.write_json(SENSITIVITY_FILE, self._table_record(
                 "omega", pack_names, omega_costs(omega, self.candidates, self.w_bits)))
         if cost is not None:  # allocate reads cost[pack][bits]
             cost = [dict(zip(self.candidates, map(float, row))) for row in cost]
@@ -155,13 +161,13 @@ class MixedPrecision:
             sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
         for layer_names, w in ((twins.prefix_layers, alloc.prefix_bits), (twins.suffix_layers, alloc.suffix_bits)):
             sensitivity.set_group_bits([layers(n) for n in layer_names], w, self._acts(w))
-        rd.record(BITS_FILE, bits_json(pack_names, alloc, acts))
+        ctx.rd.record(BITS_FILE, bits_json(pack_names, alloc, acts))
         self.allocation, self.act_bits = alloc, acts
-        print(f"[packptq] {alloc.describe()}")
+        log.info("%s", alloc.describe())
         outside = weight_count([qmodel]) - alloc.n_weights
         if outside:
-            print(f"[packptq] warning: {outside} quantized weights are outside the prefix, blocks and suffix "
-                  "(never executed?); the reported average counts them, bits.json does not")
+            log.warning("%d quantized weights are outside the prefix, blocks and suffix (never executed?); the "
+                        "reported average counts them, bits.json does not", outside)
         return list(alloc.bits)
 
     def _table_record(self, kind: str, pack_names, table: np.ndarray) -> dict:
@@ -203,3 +209,32 @@ class MixedPrecision:
             "bits": None if a is None else list(a.bits),
             "a_bits": self.act_bits,
         }
+
+
+@dataclass(frozen=True)
+class Bits:
+    """The bits phase's output: weight bits per pack (None without mixed precision) and the bit
+    accounting of the quantized model (``bit_accounting``)."""
+
+    pack_bits: Optional[List[int]]
+    acct: Dict[str, Any]
+
+
+def run(ctx, plan_: Optional[MixedPrecision], twins, packs: List[List[int]], block_omega: Optional[List[float]],
+        x_cal: torch.Tensor) -> Bits:
+    """The bits phase (``ctx``: the run's ``context.RunContext``): with a plan, allocate and set
+    the bits of every pack (``MixedPrecision.allocate``); in every case, the bit accounting."""
+    with ctx.phase("bits"):
+        pack_bits = None
+        if plan_ is not None:
+            pack_bits = plan_.allocate(ctx, twins, packs, block_omega, x_cal)
+            desc, names = plan_.describe(), twins.block_names
+            ctx.log_metrics({"mp/achieved_w_bits": desc["achieved_w_bits"], "mp/budget_avg_bits": desc["avg_bits"]})
+            ctx.log_table("mp/bits", ["pack", "blocks", "w_bits", "a_bits"],
+                          [[j, " ".join(names[b] for b in p), w, a] for j, (p, w, a)
+                           in enumerate(zip(packs or [[b] for b in range(len(names))], pack_bits, desc["a_bits"]))])
+        acct = bit_accounting(twins.qmodel)
+        a = acct["a_bits_avg"]
+        log.info(f"bits: average weight {acct['w_bits_avg']:.4f}, activation {a if a is None else round(a, 4)}, "
+                 f"size {acct['size_bytes']} bytes over {acct['n_weights']} weights")
+    return Bits(pack_bits, acct)

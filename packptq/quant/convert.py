@@ -148,8 +148,13 @@ def _register_timm_attention() -> None:
     from timm.models.swin_transformer import WindowAttention
     from timm.models.vision_transformer import Attention
 
-    register_attention(Attention)(lambda m, cfg: QAttention(m, cfg.a_bits, cfg.attn_prob))
-    register_attention(WindowAttention)(lambda m, cfg: QWindowAttention(m, cfg.a_bits, cfg.attn_prob))
+    @register_attention(Attention)
+    def _vit(m, cfg):
+        return QAttention(m, cfg.a_bits, cfg.attn_prob)
+
+    @register_attention(WindowAttention)
+    def _swin(m, cfg):
+        return QWindowAttention(m, cfg.a_bits, cfg.attn_prob)
 
 
 _register_timm_attention()

@@ -196,12 +196,11 @@ def predict_costs(twins: Twins, units: List, steps: List[int], x: torch.Tensor, 
 
 
 def describe(costs: Dict[str, UnitCost], probe_s: float) -> str:
-    """The lines a run prints: the predicted total, then one line per unit."""
+    """The lines a run logs: the predicted total, then one line per unit."""
     total = sum(c.seconds for c in costs.values())
-    lines = [f"[packptq] recon: predicted {total:.0f} s for {len(costs)} unit(s) ({_hms(total)}; probe "
-             f"{probe_s:.1f} s)"]
+    lines = [f"recon: predicted {total:.0f} s for {len(costs)} unit(s) ({_hms(total)}; probe {probe_s:.1f} s)"]
     for c in costs.values():
-        lines.append(f"[packptq]   {c.key}: {c.seconds:.1f} s = {c.steps} steps x {c.step_s * 1e3:.1f} ms "
+        lines.append(f"  {c.key}: {c.seconds:.1f} s = {c.steps} steps x {c.step_s * 1e3:.1f} ms "
                      f"({c.n_weights} rounding variables, FP fwd+bwd {c.fp_s * 1e3:.1f} ms)")
     return "\n".join(lines)
 
@@ -218,19 +217,3 @@ def as_record(c: Optional[UnitCost]) -> dict:
     d = asdict(c)
     return {"predicted_seconds": round(d["seconds"], 3), "predicted_step_s": d["step_s"], "probe_fp_s": d["fp_s"],
             "n_weights": d["n_weights"]}
-
-
-def announce(seq, x: torch.Tensor) -> Dict[str, UnitCost]:
-    """Predict the units of the sequence ``seq`` (``recon.sequence.ReconSequence``) that have no
-    ``unit_XX.pt`` yet, print the prediction and log it (``recon/<unit>/predicted_s``)."""
-    from packptq.recon.sequence import unit_iters
-    from packptq.runtime import log_metrics
-
-    todo = [u for i, u in enumerate(seq.units) if not seq.rd.has(f"unit_{i:02d}.pt")]
-    if not todo:
-        return {}
-    t0 = time.perf_counter()
-    costs = predict_costs(seq.twins, todo, [unit_iters(u, seq.cfg) for u in todo], x, seq.cfg, seq.trainer_kwargs)
-    print(describe(costs, time.perf_counter() - t0), flush=True)
-    log_metrics(seq.logger, {f"recon/{k}/predicted_s": c.seconds for k, c in costs.items()})
-    return costs

@@ -11,6 +11,7 @@ first unit (``plan_cache``: size and mode per unit, ``recon.cache_mode`` / ``rec
 and built in stores of its mode (``packptq.recon.cache``)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -20,15 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from packptq.artifacts import RunDir
 from packptq.config import ConfigError
+from packptq.context import RunContext
 from packptq.quant import QuantLayer, freeze
 from packptq.recon import cost
 from packptq.recon.cache import (ActivationCache, CachePlan, FileStore, MakeStore, MemStore, capture_batch,
                                  capture_into, choose_modes, device_free_bytes, forward_into, human, parse_bytes,
                                  plan_table, store_maker)
-from packptq.recon.unit import ReconConfig, reconstruct_unit
+from packptq.recon.unit import ReconConfig, UnitRun, reconstruct_unit
 from packptq.twins import Twins
+
+log = logging.getLogger("packptq")
 
 #: what a reconstruction unit is made of (a packing policy's ``units``)
 UNIT_KINDS = ("none", "layers", "packs")
@@ -129,24 +132,48 @@ def channel_dim(unit_module: nn.Module) -> int:
     return -1 if layers and isinstance(layers[-1].layer, nn.Linear) else 1
 
 
-class _Chain(nn.Sequential):
+class Chain(nn.Sequential):
     """Consecutive blocks run as one unit (a pack)."""
+
+
+#: what ``ReconSequence.walk`` calls for each unit: (index, quantized module, FP module,
+#: make_cache) -> None
+Visit = Callable[[int, nn.Module, nn.Module, Callable[[], ActivationCache]], None]
 
 
 # -- the loop -------------------------------------------------------------------------------
 @dataclass
-class ReconSequence:
-    """Fits ``units`` of ``twins`` in order over the calibration inputs ``x`` [n, ...]."""
+class ReconResult:
+    """The recon phase's output: the ``units`` in order and {unit key: per-step losses}."""
 
+    units: List[Unit]
+    losses: Dict[str, List[float]]
+
+
+def run(ctx: RunContext, cfg: ReconConfig, kind: str, packs: List[List[int]], twins: Twins,
+        x: torch.Tensor) -> ReconResult:
+    """The recon phase: the units of ``kind`` (the packing policy's ``units``) over ``packs``,
+    fitted in order on the calibration inputs ``x`` [n, ...] (``ReconSequence``); each unit's
+    fit runs under its Trainer's precision."""
+    units = plan_units(kind, packs, twins)
+    with ctx.phase("recon", precision=False):
+        return ReconResult(units, ReconSequence(ctx, twins, units, cfg).run(x))
+
+
+@dataclass
+class ReconSequence:
+    """Fits ``units`` of ``twins`` in order over the calibration inputs ``x`` [n, ...];
+    ``ctx`` gives the run directory, seed, forward batch size (cache building), trainer
+    settings, logger and progress bar."""
+
+    ctx: RunContext
     twins: Twins
     units: List[Unit]
     cfg: ReconConfig
-    rd: RunDir
-    seed: int
-    batch_size: int  # forward passes that build the caches
-    trainer_kwargs: dict
-    logger: object = None
-    progress: bool = True
+
+    @property
+    def rd(self):
+        return self.ctx.rd
 
     def run(self, x: torch.Tensor) -> Dict[str, List[float]]:
         """Reconstruct every unit; returns {unit key: per-step losses} (loaded units read their
@@ -154,16 +181,34 @@ class ReconSequence:
         self.losses: Dict[str, List[float]] = {}
         if not self.units:
             return self.losses
-        t, dev = self.twins, self.twins.device
-        t.qmodel.to(dev)
-        t.fp.to(dev)
-        self.plans = self.plan_cache(x)  # an impossible cache budget stops here
-        self._costs = cost.announce(self, x) if self.cfg.predict else {}  # printed before the bar
+        self._prepare(x)  # an impossible cache budget stops here
+        self._costs = self._announce(x) if self.cfg.predict else {}  # logged before the bar
         # one tick per optimisation step, so the ETA weighs a unit by its steps, not by its count
         total = sum(unit_iters(u, self.cfg) for u in self.units)
         self._bar = tqdm(total=total, desc=f"reconstruct {len(self.units)} units", unit="step",
-                         disable=not self.progress, dynamic_ncols=True)
+                         disable=not self.ctx.progress, dynamic_ncols=True)
         self._step_offset = 0
+        self.walk(x, self._fit)
+        self._bar.close()
+        self.twins.qmodel.eval()
+        return self.losses
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        t = self.twins
+        t.qmodel.to(t.device)
+        t.fp.to(t.device)
+        self.plans = self.plan_cache(x)
+
+    def walk(self, x: torch.Tensor, visit: Visit) -> None:
+        """Go through the units in order over the calibration inputs ``x`` [n, ...], keeping
+        the quantized-model and FP activations at the current position: for unit ``i``,
+        ``visit(i, q_module, fp_module, make_cache)`` (``make_cache()`` builds its
+        ``ActivationCache`` in the unit's planned mode), then the quantized activations advance
+        through ``q_module`` as ``visit`` left it. ``run``'s visit fits and freezes the unit;
+        any other visit sees every unit with the ones before it as they were (e.g. RTN)."""
+        if getattr(self, "plans", None) is None:
+            self._prepare(x)
+        t, dev = self.twins, self.twins.device
         scratch = self.rd / CACHE_DIR
         shutil.rmtree(scratch, ignore_errors=True)  # files of a killed run
         self._n = len(x)
@@ -171,36 +216,34 @@ class ReconSequence:
         q_h = f_h = MemStore.of(x)
         i = 0
         while i < len(self.units) and self.units[i].segment == "prefix":
-            i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h)
+            i = self._layer_unit(i, t.qsplit.prefix, t.fsplit.prefix, q_h, f_h, visit)
         q_h, f_h = self._forward(i, t.qsplit.prefix, q_h), self._forward(i, t.fsplit.prefix, f_h)
         qblocks, fblocks = [b for _, b in t.qsplit.blocks], [b for _, b in t.fsplit.blocks]
         while i < len(self.units) and self.units[i].segment == "blocks":
             u = self.units[i]
             if u.layer is None:  # a pack: its FP output is the cache target and the next FP input
-                chain_q, chain_f = _Chain(*[qblocks[b] for b in u.blocks]), _Chain(*[fblocks[b] for b in u.blocks])
+                chain_q, chain_f = Chain(*[qblocks[b] for b in u.blocks]), Chain(*[fblocks[b] for b in u.blocks])
                 if self.plans[i].mode == "recompute":
                     f_out = None
-                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, fp_fn=lambda s: (s, chain_f(s)), device=dev))
+                    visit(i, chain_q, chain_f,
+                          lambda: ActivationCache(q_h, f_h, fp_fn=lambda s: (s, chain_f(s)), device=dev))
                 else:
                     f_out = self._forward(i, chain_f, f_h)
-                    self._fit(i, chain_q, lambda: ActivationCache(q_h, f_h, f_out, device=dev))
+                    visit(i, chain_q, chain_f, lambda: ActivationCache(q_h, f_h, f_out, device=dev))
                 i += 1
                 f_h = self._forward(i, chain_f, f_h) if f_out is None else self._convert(i, f_out)
                 f_out = None
             else:  # the layers of one block, then past the block
                 b = u.blocks[0]
                 while i < len(self.units) and self.units[i].segment == "blocks" and self.units[i].blocks == [b]:
-                    i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h)
+                    i = self._layer_unit(i, qblocks[b], fblocks[b], q_h, f_h, visit)
                 chain_q = qblocks[b]
                 f_h = self._forward(i, fblocks[b], f_h)
             q_h = self._forward(i, chain_q, q_h)
         while i < len(self.units):
-            i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h)
+            i = self._layer_unit(i, t.qsplit.suffix, t.fsplit.suffix, q_h, f_h, visit)
         del q_h, f_h
         shutil.rmtree(scratch, ignore_errors=True)
-        self._bar.close()
-        t.qmodel.eval()
-        return self.losses
 
     # -- activation caches ----------------------------------------------------------------------
     @torch.no_grad()
@@ -238,10 +281,23 @@ class ReconSequence:
         budget = parse_bytes(self.cfg.cache_budget)
         choose_modes(plans, self.cfg.cache_mode, budget, self.cfg.batch_size,
                      shutil.disk_usage(self.rd.path).free, device_free_bytes(dev))
-        print(f"[packptq] recon cache: recon.cache_mode={self.cfg.cache_mode}, recon.cache_budget="
-              f"{'null' if budget is None else human(budget)}; per unit (mode, memory):")
-        print("\n".join(plan_table(plans, self.cfg.batch_size)), flush=True)
+        log.info("\n".join([f"recon cache: recon.cache_mode={self.cfg.cache_mode}, recon.cache_budget="
+                            f"{'null' if budget is None else human(budget)}; per unit (mode, memory):",
+                            *plan_table(plans, self.cfg.batch_size)]))
         return plans
+
+    def _announce(self, x: torch.Tensor) -> Dict[str, "cost.UnitCost"]:
+        """Predict the units that have no ``unit_XX.pt`` yet (``packptq.recon.cost``), log the
+        prediction and send it to the metrics logger (``recon/<unit>/predicted_s``)."""
+        todo = [u for i, u in enumerate(self.units) if not self.rd.has(f"unit_{i:02d}.pt")]
+        if not todo:
+            return {}
+        t0 = time.perf_counter()
+        costs = cost.predict_costs(self.twins, todo, [unit_iters(u, self.cfg) for u in todo], x, self.cfg,
+                                   self.ctx.trainer_kw)
+        log.info("%s", cost.describe(costs, time.perf_counter() - t0))
+        self.ctx.log_metrics({f"recon/{k}/predicted_s": c.seconds for k, c in costs.items()})
+        return costs
 
     def _maker(self, i: int) -> MakeStore:
         """Empty stores of the calibration set's length in the mode of unit ``i`` (``keep``
@@ -252,7 +308,7 @@ class ReconSequence:
 
     def _forward(self, i: int, fn, src):
         """``fn`` over the store ``src``, into a store in the mode of unit ``i``."""
-        return forward_into(fn, src, self.batch_size, self.twins.device, self._maker(i))
+        return forward_into(fn, src, self.ctx.batch_size, self.twins.device, self._maker(i))
 
     def _convert(self, i: int, store):
         """``store`` in the mode of unit ``i``: itself when it already is, else a copy."""
@@ -263,13 +319,14 @@ class ReconSequence:
         else:
             same = mode != "disk" and store.t.dtype == (torch.float16 if mode == "half" else torch.float32) and \
                 (store.t.device.type != "cpu") == bool(p is not None and p.on_device)
-        return store if same else forward_into(lambda h: h, store, self.batch_size, self.twins.device, self._maker(i))
+        return store if same else forward_into(lambda h: h, store, self.ctx.batch_size, self.twins.device,
+                                               self._maker(i))
 
-    def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h) -> int:
+    def _layer_unit(self, i: int, q_fn, f_fn, q_h, f_h, visit: Visit) -> int:
         """Fit the layer unit ``i``, whose inputs come from running ``q_fn`` / ``f_fn`` (the
         part holding the layer) on the stores ``q_h`` / ``f_h``; returns the next unit's index."""
         ql, fl = self.twins.pair(self.units[i].layer)
-        bs, dev, make = self.batch_size, self.twins.device, self._maker(i)
+        bs, dev, make = self.ctx.batch_size, self.twins.device, self._maker(i)
 
         def cache() -> ActivationCache:
             q_in, _ = capture_into(q_fn, q_h, ql, bs, dev, make, outputs=False)
@@ -278,7 +335,7 @@ class ReconSequence:
             f_in, f_out = capture_into(f_fn, f_h, fl, bs, dev, make)
             return ActivationCache(q_in, f_in, f_out, device=dev)
 
-        self._fit(i, ql, cache)
+        visit(i, ql, fl, cache)
         return i + 1
 
     def _check_unit_file(self, name: str, saved, u: Unit) -> None:
@@ -292,7 +349,8 @@ class ReconSequence:
         if saved.get("fingerprint") != rd.run_fp:
             rd.check_origin(name, saved.get("fingerprint"))
 
-    def _fit(self, i: int, module: nn.Module, make_cache: Callable[[], ActivationCache]) -> None:
+    def _fit(self, i: int, module: nn.Module, _fp_module: nn.Module,
+             make_cache: Callable[[], ActivationCache]) -> None:
         u, rd = self.units[i], self.rd
         name, record = f"unit_{i:02d}.pt", f"unit_{i:02d}.json"
         self._bar.set_postfix_str(f"{u.key} ({i + 1}/{len(self.units)})")
@@ -314,9 +372,9 @@ class ReconSequence:
             t0 = time.perf_counter()
             cache = make_cache()
             t1 = time.perf_counter()
-            ls = reconstruct_unit(module, cache, ucfg, u.key, self.seed * 1000 + i, channel_dim(module),
-                                  self.trainer_kwargs, self.logger, self._step_offset,
-                                  self._bar if self.progress else None)
+            ls = reconstruct_unit(module, cache, ucfg, UnitRun(
+                u.key, self.ctx.seed * 1000 + i, channel_dim(module), self.ctx.trainer_kw, self.ctx.logger,
+                self._step_offset, self._bar if self.ctx.progress else None))
             secs = time.perf_counter() - t1
             del cache
             module.to(self.twins.device)

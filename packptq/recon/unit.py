@@ -305,21 +305,38 @@ def make_trainer(trainer_kwargs: dict, iters: int, logger=None, bar=None) -> L.T
     return L.Trainer(**kw)
 
 
-def _fit_unit(unit, cache, cfg, key, seed, channel_dim, trainer_kwargs, logger, step_offset, bar) -> List[float]:
+@dataclass
+class UnitRun:
+    """How one unit is fitted, besides its ``ReconConfig``: ``key`` names it (logging
+    namespace, errors), ``seed`` seeds its initialisation and batch order, ``channel_dim`` is
+    its output's channel axis (``rec_loss``), ``trainer_kwargs`` the Lightning Trainer
+    arguments, ``logger`` a Lightning logger, ``step_offset`` the logging step of its first
+    step, ``bar`` a tqdm bar advanced by one per step (optional)."""
+
+    key: str
+    seed: int = 0
+    channel_dim: int = 1
+    trainer_kwargs: Optional[dict] = None
+    logger: object = None
+    step_offset: int = 0
+    bar: object = None
+
+
+def _fit_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, run: UnitRun) -> List[float]:
     """The fit of ``reconstruct_unit``; the trainer and the module are garbage when it returns."""
-    module = UnitReconstruction(unit, cfg, key, channel_dim, step_offset)
+    module = UnitReconstruction(unit, cfg, run.key, run.channel_dim, run.step_offset)
     if not module.w_params and not module.a_params:
         freeze(unit)
         return []
-    kwargs = dict(trainer_kwargs or {})
+    kwargs = dict(run.trainer_kwargs or {})
     # Lightning clips only under automatic optimization: the unit's manual step applies it
     clip = kwargs.pop("gradient_clip_val", None)
     algorithm = kwargs.pop("gradient_clip_algorithm", None) or "norm"
     if clip:
         module.grad_clip = (float(clip), algorithm)
-    trainer = make_trainer(kwargs, cfg.iters, logger, bar)
+    trainer = make_trainer(kwargs, cfg.iters, run.logger, run.bar)
     with reuse_freed_memory():
-        trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, seed))
+        trainer.fit(module, train_dataloaders=_Steps(cache, cfg.batch_size, run.seed))
     freeze(unit)
     for m in module.aqs:
         m.training = False
@@ -331,15 +348,13 @@ def _fit_unit(unit, cache, cfg, key, seed, channel_dim, trainer_kwargs, logger, 
     return [float(v) for v in module.losses]
 
 
-def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, key: str, seed: int,
-                     channel_dim: int = 1, trainer_kwargs: Optional[dict] = None, logger=None,
-                     step_offset: int = 0, bar=None) -> List[float]:
-    """Fit ``unit`` to the cached FP outputs, then freeze it. Returns the per-step losses.
-    ``bar`` (tqdm, optional) advances by one per step."""
+def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, run: UnitRun) -> List[float]:
+    """Fit ``unit`` to the cached FP outputs as ``run`` says (key, seed, trainer, ...), then
+    freeze it. Returns the per-step losses."""
     if cfg.iters == 0:
         freeze(unit)
         return []
-    torch.manual_seed(seed)
+    torch.manual_seed(run.seed)
     # the trainer and the module refer to each other: without a collection after the fit, each
     # unit's optimizer state and weight buffers (about 4x its weights) outlived it until the end
     # of the run (+500 MB peak RSS on resnet18 block-wise, measured). The objects alive before
@@ -350,7 +365,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     if own_freeze:
         gc.freeze()
     try:
-        losses = _fit_unit(unit, cache, cfg, key, seed, channel_dim, trainer_kwargs, logger, step_offset, bar)
+        losses = _fit_unit(unit, cache, cfg, run)
         gc.collect()
     finally:
         if own_freeze:
@@ -358,7 +373,7 @@ def reconstruct_unit(unit: nn.Module, cache: ActivationCache, cfg: ReconConfig, 
     release_freed_memory()
     bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
     if bad is not None:
-        raise RunFailure(f"reconstruction of unit {key} diverged: loss {losses[bad]} at step {bad} of "
+        raise RunFailure(f"reconstruction of unit {run.key} diverged: loss {losses[bad]} at step {bad} of "
                           f"{len(losses)}; the finished units are kept in the run directory. Lower recon.w_lr "
                           f"/ recon.a_lr or check the calibration data")
     return losses

@@ -2,6 +2,7 @@
 and checkpoint loading."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,6 +15,8 @@ from omegaconf import MISSING
 
 from packptq.config import ConfigError
 from packptq.registry import Registry
+
+log = logging.getLogger("packptq")
 
 #: builder name -> fn(cfg: ModelConfig, meta: dict) -> nn.Module ; "timm" is the fallback
 BUILDERS: Registry[Callable[["ModelConfig", dict], nn.Module]] = Registry("model builder")
@@ -134,8 +137,8 @@ def build_model(cfg: ModelConfig, meta: dict) -> nn.Module:
     if shape_mismatches(model, sd):
         cfg, n_classes = _shapes_from_checkpoint(cfg, meta, model, sd)
         if n_classes != meta["num_classes"]:
-            print(f"[packptq] checkpoint head has {n_classes} classes (data labels: {meta['num_classes']}); "
-                  f"using {n_classes}")
+            log.info("checkpoint head has %d classes (data labels: %d); using %d", n_classes, meta["num_classes"],
+                     n_classes)
             meta["num_classes"] = n_classes
         model = builder(cfg, meta)
     load_checkpoint(model, cfg.checkpoint, sd, strict=cfg.strict)
@@ -252,6 +255,6 @@ def load_checkpoint(model: nn.Module, path: str, sd: Dict[str, torch.Tensor], st
                           f"{len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}; "
                           "model.strict=false loads the matching ones and keeps the rest as initialised")
     if report["missing"] or report["unexpected"]:
-        print(f"[packptq] checkpoint {path}: {len(report['missing'])} missing keys "
-              f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}")
+        log.warning(f"checkpoint {path}: {len(report['missing'])} missing keys {report['missing'][:5]}, "
+                    f"{len(report['unexpected'])} unexpected keys {report['unexpected'][:5]}")
     return report
