@@ -55,8 +55,8 @@ def quantize(model: nn.Module, calib_data,
     or batches ``x`` or ``(x, y)``), checked first (``packptq.inputs``: one-line ``DataError``s);
     without labels the model's own predictions stand in (they only enter the Hessian scores). Settings: ``cfg`` (a composed
     config with the sections quant, packing, mp, recon, trainer) or Hydra-style ``overrides``
-    of conf/config.yaml. Blocks are found by the split rule ``family`` ("auto": the registered
-    rules, then the generic one). Artefacts (units, packs, scores) go to ``run_dir`` (default:
+    of conf/config.yaml. Blocks are found by the split rule ``family`` ("auto": the named family
+    rules, then the dataflow-graph rule, then the module-tree one; docs/splitting.md). Artefacts (units, packs, scores) go to ``run_dir`` (default:
     a temporary directory). The report holds the packs (block names), weight bits per pack,
     the bit accounting, the reconstruction losses, agreement of the quantized and FP top-1 on
     the calibration inputs, and the seconds per phase."""

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from packptq.quant.convert import execution_order
+from packptq.zoo.graph import block_paths
 from packptq.zoo.split import Split
 
 
@@ -41,8 +42,10 @@ def layer_groups(qmodel: nn.Module, qsplit: Split, x: torch.Tensor) -> Tuple[Lis
     """QuantLayer names of the prefix, of each block, and of the suffix, in execution order,
     found by running ``qmodel`` (and its prefix alone) on the example batch ``x``."""
     order = execution_order(qmodel, x)
-    prefixes = [n + "." for n in qsplit.block_names]
-    block_layers = [[o for o in order if o.startswith(p)] for p in prefixes]
+    # a block is a module (its layers are below it, or it is a layer itself) or a part of the
+    # graph that runs several modules (GraphBlock.names)
+    paths = block_paths(qsplit)
+    block_layers = [[o for o in order if any(o == p or o.startswith(p + ".") for p in ps)] for ps in paths]
     inside = {o for bl in block_layers for o in bl}
     outside = [o for o in order if o not in inside]
     with torch.no_grad():

@@ -107,15 +107,16 @@ def test_generic_rule(name, n_blocks, first):
     check_blocks(model, split, x)
     if name == "convnext_atto":
         assert "stages.1.downsample" in split.block_names
-    auto = split_model(model)
-    assert auto.family == ("resnet" if name == "resnet26d" else "generic")
+    auto = split_model(model)  # a named rule where one applies, else the graph rule: the same blocks
+    assert auto.family == ("resnet" if name == "resnet26d" else "graph")
+    assert auto.block_names == split.block_names
 
 
 def test_generic_layout_survives_copy_and_layer_swaps():
     """Pipeline use: the quantized copy (leaves wrapped) splits like the FP model."""
     model = timm.create_model("convnext_atto", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    names = split_model(model, example_input=x).block_names
+    names = split_model(model, "generic", example_input=x).block_names
 
     class Wrap(nn.Module):  # stands in for a quantized layer: the original becomes a child
         def __init__(self, layer):
@@ -178,12 +179,13 @@ class Looped(nn.Module):
 
 def test_generic_rule_custom_models():
     x = torch.randn(2, 4)
-    split = split_model(Looped(), example_input=x)
+    split = split_model(Looped(), "generic", example_input=x)
     assert (split.family, split.prefix.names, split.block_names, split.suffix.names) == \
         ("generic", ["stem"], ["blocks.0", "blocks.1", "blocks.2"], ["head"])
+    assert split_model(Looped(), example_input=x).block_names == split.block_names  # auto: the graph rule
     # stages that only look sequential at initialisation stay whole
     model = Looped(FlipStage)
-    split = split_model(model, example_input=x)
+    split = split_model(model, "generic", example_input=x)
     assert split.block_names == ["blocks.0", "blocks.1", "blocks.2"]
     with torch.no_grad():
         for p in model.parameters():
@@ -203,7 +205,7 @@ class Residual(nn.Module):
 
 def test_generic_rule_fails_clearly():
     with pytest.raises(SplitError, match=r"Residual\.forward is not the sequential run of its children"):
-        split_model(Residual())
+        split_model(Residual(), "generic")
     with pytest.raises(SplitError, match="no repeated blocks"):
         split_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), example_input=torch.randn(2, 8))
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
@@ -215,10 +217,10 @@ def test_split_model_errors():
     model = timm.create_model("resnet18", num_classes=10)
     with pytest.raises(SplitError, match="does not accept"):
         split_model(model, "swin")
-    with pytest.raises(KeyError, match="known: generic, mnasnet"):
+    with pytest.raises(KeyError, match="known: generic, graph, mnasnet"):
         split_model(model, "nope")
     with pytest.raises(SplitError, match="tried"):
-        split_model(Residual())
+        split_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), example_input=torch.randn(2, 8))
 
 
 def test_quickstart_models_on_mnist_shape():

@@ -2,6 +2,7 @@
 activation quantizers, and quantizer state switches."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from packptq.config import ConfigError
 from packptq.quant.modules import QAttention, QuantLayer, QWindowAttention
 from packptq.quant.quantizer import RANGE_GRIDS, ActQuantizer, UniformQuantizer, WeightQuantizer
+
+log = logging.getLogger("packptq")
 
 _CONV = (nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -198,13 +201,23 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) ->
     fold_bn(model)
     if cfg.quant_attn:
         convert_attention(model, cfg)
+    # a layer whose weights the forward uses without calling it (nn.MultiheadAttention's
+    # out_proj, a functional attention given qkv.weight) keeps its floating-point weights
+    called = set(execution_order(model, example, kinds=_CONV + (nn.Linear,)))
+    kept = []
     for name, m in list(model.named_modules()):
         if isinstance(m, _CONV + (nn.Linear,)) and not isinstance(m, QuantLayer):
             parent_name = name.rpartition(".")[0]
             if parent_name and isinstance(model.get_submodule(parent_name), QuantLayer):
                 continue
+            if name not in called:
+                kept.append(name)
+                continue
             _replace(model, name, QuantLayer(m, cfg.w_bits, cfg.a_bits, cfg.act_placement, cfg.w_range,
                                              cfg.range_grid))
+    if kept:
+        log.info("%d Conv/Linear layers are not called as modules (their weights are used by functions) and stay "
+                 "in floating point: %s", len(kept), kept[:6])
     for m in model.modules():  # activation ranges are searched later (calibrate), on this grid
         if isinstance(m, UniformQuantizer):
             m.grid = cfg.range_grid

@@ -140,8 +140,9 @@ def rounding_cost(cfg: ReconConfig, device: torch.device, sizes: Sequence[int] =
     return per_weight, per_tensor
 
 
-def unit_inputs(fp: nn.Module, modules: Dict[str, nn.Module], x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The input of each of ``modules`` ({key: module of ``fp``}) while ``fp`` runs on ``x``."""
+def unit_inputs(fp: Callable[[torch.Tensor], torch.Tensor], modules: Dict[str, nn.Module],
+                x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The input of each of ``modules`` ({key: module ``fp`` runs}) while ``fp`` runs on ``x``."""
     seen: Dict[str, torch.Tensor] = {}
     hooks = []
     for key, m in modules.items():
@@ -180,7 +181,8 @@ def predict_costs(twins: Twins, units: List, steps: List[int], x: torch.Tensor, 
     rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), autocast(trainer_kwargs or {}, device):
-        inputs = unit_inputs(twins.fp, first, x[:cfg.batch_size].to(device))
+        # through the split: a block that is a part of the graph (GraphBlock) runs only there
+        inputs = unit_inputs(twins.fsplit.forward, first, x[:cfg.batch_size].to(device))
         per_weight, per_tensor = rounding_cost(cfg, device) if cfg.adaround else (0.0, 0.0)
         out = {}
         for u, n_steps in zip(units, steps):

@@ -66,10 +66,12 @@ class Split:
 
 def split_model(model: nn.Module, family: str | None = None,
                 example_input: torch.Tensor | None = None) -> Split:
-    """Split ``model`` with the rule of ``family`` (or, for ``None``/``"auto"``, the first rule
-    that accepts it, then ``generic``). ``example_input`` (a batch the model accepts, e.g.
-    ``[2, C, H, W]``) is optional: when given, the split is verified with ``check_split``; the
-    ``generic`` rule also uses it to trace the model (it guesses an input otherwise)."""
+    """Split ``model`` with the rule of ``family`` or, for ``None``/``"auto"``, the first named
+    rule that accepts it, else the ``graph`` rule (blocks from the traced dataflow graph), else,
+    for a model that cannot be traced, the ``generic`` rule (the module tree). ``example_input``
+    (a batch the model accepts, e.g. ``[2, C, H, W]``) is optional: when given, the split is
+    verified with ``check_split``; the graph and generic rules also run the model on it (they
+    guess an input otherwise)."""
     if family is not None and family != "auto":
         s = _call_rule(SPLIT_RULES.get(family), model, example_input)
         if s is None:
@@ -78,24 +80,35 @@ def split_model(model: nn.Module, family: str | None = None,
         return _finish(model, s, family, example_input)
     tried = []
     for name, rule in SPLIT_RULES.items():
-        if name == "generic":
+        if name in _GENERAL:
             continue
         s = _call_rule(rule, model, example_input)
         tried.append(name)
         if s is not None:
             return _finish(model, s, name, example_input)
-    if "generic" in SPLIT_RULES:
+    errors = []
+    for name in _GENERAL:
+        if name not in SPLIT_RULES:
+            continue
         try:
-            s = _call_rule(SPLIT_RULES.get("generic"), model, example_input)
+            s = _call_rule(SPLIT_RULES.get(name), model, example_input)
         except SplitError as exc:
-            raise SplitError(f"no family rule accepts {type(model).__name__} (tried {tried}); {exc}") from None
+            errors.append(str(exc))
+            continue
         if s is not None:
-            return _finish(model, s, "generic", example_input)
+            return _finish(model, s, name, example_input)
+    if errors:
+        rest = f" (the module-tree rule 'generic': {errors[1]})" if len(errors) > 1 else ""
+        raise SplitError(f"no family rule accepts {type(model).__name__} (tried {tried}); {errors[0]}{rest}")
     children = ", ".join(f"{n}:{type(m).__name__}" for n, m in model.named_children())
     raise SplitError(
         f"cannot split {type(model).__name__} into prefix/blocks/suffix; tried rules {tried}; "
         f"its top-level children are [{children}]"
     )
+
+
+#: the rules for any model, tried in this order after the named family rules
+_GENERAL = ("graph", "generic")
 
 
 def _call_rule(rule: Callable, model: nn.Module, example_input: torch.Tensor | None) -> "Split | None":
@@ -157,13 +170,21 @@ def _head(model: nn.Module, names: List[str], before: List[str] = ()) -> Fn:
 
 @SPLIT_RULES.register("resnet")
 def _resnet(model: nn.Module) -> Split | None:
-    """timm ResNet/ResNet-D: stem conv1..maxpool; blocks layer{1-4}.{i} (basic or bottleneck)."""
-    if not all(hasattr(model, a) for a in ("conv1", "layer1", "layer4", "fc", "forward_head")):
+    """ResNet in timm's (ResNet/ResNet-D) or torchvision's layout: stem conv1..maxpool; blocks
+    layer{1-4}.{i} (basic or bottleneck); suffix the head (timm's ``forward_head``, or
+    torchvision's avgpool, flatten, fc)."""
+    if not all(hasattr(model, a) for a in ("conv1", "layer1", "layer4", "fc")):
         return None
-    stem = _present(model, ["conv1", "bn1", "act1", "maxpool"])
+    timm_head = hasattr(model, "forward_head")
+    if not timm_head and not (type(model).__module__.startswith("torchvision.") and hasattr(model, "avgpool")):
+        return None
+    stem = _present(model, ["conv1", "bn1", "act1", "relu", "maxpool"])
     blocks = [(f"{layer}.{i}", b) for layer in ("layer1", "layer2", "layer3", "layer4")
               for i, b in enumerate(getattr(model, layer))]
-    return Split(Fn(model, _seq(stem), stem), blocks, _head(model, ["global_pool", "fc"]))
+    if timm_head:
+        return Split(Fn(model, _seq(stem), stem), blocks, _head(model, ["global_pool", "fc"]))
+    head = Fn(model, lambda m, x: m.fc(torch.flatten(m.avgpool(x), 1)), ["avgpool", "fc"])
+    return Split(Fn(model, _seq(stem), stem), blocks, head)
 
 
 @SPLIT_RULES.register("vit")
