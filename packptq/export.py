@@ -574,7 +574,7 @@ def from_units(run_dir, res: dict, n_check: int = 512):
     from packptq import fp
     from packptq.config import typed
     from packptq.data import build_datamodule
-    from packptq.recon.sequence import _Chain, load_unit_state, unit_state
+    from packptq.recon.sequence import Chain, load_unit_state, unit_state
     from packptq.runtime import trainer_kwargs
 
     cfg = OmegaConf.create(res["config"])
@@ -616,7 +616,7 @@ def from_units(run_dir, res: dict, n_check: int = 512):
             raise ExportError(f"{f} is not unit {key} {unit_names} of this run; the run directory mixes two runs")
         if key.startswith("pack_"):
             parts = [model.get_submodule(b) for b in unit_names]
-            module, prefixes = _Chain(*parts), {str(j): b for j, b in enumerate(unit_names)}
+            module, prefixes = Chain(*parts), {str(j): b for j, b in enumerate(unit_names)}
         else:
             module, prefixes = model.get_submodule(unit_names[0]), None
         load_unit_state(module, saved["state"])
