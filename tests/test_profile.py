@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from packptq.artifacts import RunDir
+from packptq.context import RunContext
 from packptq.calibration import calibrate_twins
 from packptq.config import ConfigError, typed
 from packptq.data import build_datamodule
@@ -234,8 +235,8 @@ def test_qdrop_on_pack_inputs_only(drop_units, twins_setup, tmp_path, monkeypatc
     inputs (input_prob 0.5); a single prefix/suffix module trains on its quantized input."""
     seen = {}
 
-    def record(unit, cache, cfg, key, *args, **kwargs):
-        seen[key] = (cfg.drop_prob, cfg.drop_inside)
+    def record(unit, cache, cfg, run, *args, **kwargs):
+        seen[run.key] = (cfg.drop_prob, cfg.drop_inside)
         return []
 
     monkeypatch.setattr(seq_mod, "reconstruct_unit", record)
@@ -244,8 +245,8 @@ def test_qdrop_on_pack_inputs_only(drop_units, twins_setup, tmp_path, monkeypatc
         seen.clear()
         units = plan_units(kind, [[0, 1, 2, 3], [4, 5, 6, 7]], twins)
         cfg = ReconConfig(iters=1, batch_size=8, drop_units=drop_units, drop_inside=True, predict=False)
-        ReconSequence(twins, units, cfg, RunDir(tmp_path / kind / drop_units), seed=0, batch_size=16,
-                      trainer_kwargs=TRAINER, progress=False).run(x)
+        ctx = RunContext(RunDir(tmp_path / kind / drop_units), torch.device("cpu"), TRAINER, seed=0, batch_size=16)
+        ReconSequence(ctx, twins, units, cfg).run(x)
         assert set(seen) == {u.key for u in units}
         for key, (p, inside) in seen.items():
             mixes = drop_units == "all" or key.startswith("pack_")
@@ -327,10 +328,12 @@ def test_train_transform_of_image_folders_follows_the_model_data_config(tmp_path
     assert [type(s) for s in t] == [transforms.RandomResizedCrop, transforms.RandomHorizontalFlip,
                                     transforms.ToTensor, transforms.Normalize]
     cfg = timm.data.resolve_model_data_config(model)
-    assert t[0].size == tuple(cfg["input_size"][1:]) and t[0].scale == (0.08, 1.0)
+    # the crop's size is the data's input size (data.img_size=32 holds after the model is
+    # attached, as for evaluation); mean and std are the model's
+    assert t[0].size == (32, 32) and t[0].scale == (0.08, 1.0)
     assert tuple(t[3].mean) == tuple(cfg["mean"]) and tuple(t[3].std) == tuple(cfg["std"])
     x, _ = d.calib_tensors()
-    assert x.shape == (6, *cfg["input_size"]) and torch.equal(x, d.calib_tensors()[0])
+    assert x.shape == (6, 3, 32, 32) and torch.equal(x, d.calib_tensors()[0])
     ev = build_datamodule({"name": "imagefolder", "path": str(root), "img_size": 32, "calib_size": 6})
     ev.attach_model(model)
     assert not torch.equal(x, ev.calib_tensors()[0])
