@@ -314,7 +314,6 @@ def test_the_example_prints_what_the_readme_shows(capsys):
     import runpy
     from pathlib import Path
 
-    pytest.importorskip("onnxruntime")
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
     block = readme.split("It prints (the test suite runs it and checks these lines", 1)[1]
