@@ -31,15 +31,17 @@ def mp_cfg(run_dir: Path, *overrides: str):
 def spy(monkeypatch):
     """Captures the quantized model the pipeline accounts bits for (right after allocation)."""
     seen = {}
-    import packptq.mp as mp_pkg
+    import importlib
 
-    original = mp_pkg.bit_accounting
+    mp_plan = importlib.import_module("packptq.mp.plan")  # the module (packptq.mp.plan is also a function)
+
+    original = mp_plan.bit_accounting
 
     def wrapped(qmodel):
         seen["qmodel"] = qmodel
         return original(qmodel)
 
-    monkeypatch.setattr(mp_pkg, "bit_accounting", wrapped)  # the pipeline calls mp.bit_accounting
+    monkeypatch.setattr(mp_plan, "bit_accounting", wrapped)  # the bits phase (mp.run) calls it
     return seen
 
 
