@@ -282,8 +282,10 @@ def test_quantize_api_on_a_model_outside_the_zoo(tmp_path):
     qnet, rep = packptq.quantize(net, x, overrides=["quant=w4a4", "packing=block", "recon.iters=5", "threads=1"],
                                  run_dir=str(tmp_path / "q"))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the model is left as it was
-    assert rep["family"] == "generic" and rep["blocks"] == ["0", "1", "2"]
-    assert rep["packs"] == [["0"], ["1"], ["2"]]
+    # the graph rule: the first conv is the stem (prefix), each later conv (BN folded, ReLU
+    # joined) a block; family="generic" names the children as blocks instead
+    assert rep["family"] == "graph" and rep["blocks"] == ["1.0", "2.0"]
+    assert rep["packs"] == [["1.0"], ["2.0"]]
     assert 4.0 < rep["w_bits_avg"] < 8.0 and 0.0 <= rep["calib_agreement"] <= 100.0
     assert (tmp_path / "q" / "packs.json").is_file()
     conv = qnet.get_submodule("1.0")  # a quantized layer: its weight lies on its grid
