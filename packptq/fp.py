@@ -73,8 +73,9 @@ def fp_cache_key(model_cfg, data_cfg, content: Optional[str] = None, precision: 
     desc["content"] = content
     if precision not in (None, "32-true", "32", 32):
         desc["precision"] = str(precision)
-    if not desc["data"].get("val_size"):  # a validation split is held out of FP training too
-        desc["data"].pop("val_size", None)
+    for k in ("val_size", "img_size"):  # unset: the key of configs that predate the field
+        if not desc["data"].get(k):
+            desc["data"].pop(k, None)
     h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{model_cfg.name}-{data_cfg.name}-{h}"
 

@@ -23,8 +23,8 @@ from packptq.zoo.build import ModelConfig
 
 from conftest import CONF, compose_cfg
 
-GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "profile", "experiment",
-          "hydra/launcher"]
+GROUPS = ["model", "data", "quant", "packing", "mp", "recon", "trainer", "logger", "profile", "method",
+          "experiment", "hydra/launcher"]
 #: values that an option leaves mandatory (???), supplied so it can compose completely
 #: ({tmp} is the test's tmp_path, holding an empty d.npz)
 FILL = {("model", "timm"): ["model.name=resnet18"],
@@ -97,6 +97,41 @@ def test_mandatory_values_are_asked_for(group, option, match, tmp_path):
     schema = {"model": ModelConfig, "packing": PackingConfig}[group]
     with pytest.raises(ConfigError, match=match):
         typed(schema, cfg[group], group)
+
+
+#: what each method of conf/method sets: packing policy, QDrop probability, steps per unit,
+#: mp policy, first/last-layer bits, score loss, calibration batch
+METHODS = {
+    "rtn": ("none", 0.5, "unit", "none", 8, "kl", 32),
+    "adaround": ("layer", 1.0, "unit", "none", 8, "kl", 32),
+    "brecq": ("block", 1.0, "unit", "none", 8, "kl", 32),
+    "qdrop": ("block", 0.5, "unit", "none", 8, "kl", 32),
+    "packptq": ("hessian", 0.5, "block", "none", 8, "kl", 32),
+    "packptq_official": ("hessian", 0.5, "block", "none", None, "official", 16),
+    "packptq_mp": ("hessian", 0.5, "block", "budget", 8, "kl", 32),
+}
+
+
+def test_every_method_is_described():
+    assert set(options("method")) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_sets_its_recipe(method, tmp_path):
+    cfg = compose_cfg(base(tmp_path) + [f"method={method}"])
+    t = check_owned(cfg)
+    got = (t["packing"].policy, t["recon"].drop_prob, t["recon"].iters_per, t["mp"].policy,
+           t["quant"].first_last_bits, t["packing"].loss, t["recon"].batch_size)
+    assert got == METHODS[method]
+    # a method is a starting point: the command line still overrides what it sets
+    cfg = compose_cfg(base(tmp_path) + [f"method={method}", "packing=block", "recon.drop_prob=0.7"])
+    assert (cfg.packing.policy, cfg.recon.drop_prob) == ("block", 0.7)
+
+
+def test_mp_method_holds_weights_and_activations_to_the_target(tmp_path):
+    """Pack-PTQ + MP at equal cost: the budget defaults to the target weight and activation bits."""
+    t = check_owned(compose_cfg(base(tmp_path) + ["method=packptq_mp", "quant=w3a3"]))
+    assert (t["mp"].avg_bits, t["mp"].a_avg_bits, t["mp"].acts) == (None, None, "follow")
 
 
 @pytest.mark.parametrize("option", options("profile"))

@@ -462,6 +462,34 @@ def test_digits_calibration_shapes():
     assert x.shape == (16, 1, 16, 16) and y.shape == (16,) and len(d.test_set) == 500
 
 
+@pytest.mark.parametrize("name,native", [("digits", 16), ("mnist5k", 28)])
+def test_embedded_img_size_resizes_every_split(name, native):
+    """data.img_size: the same samples, bilinearly resized (e.g. to 32, the side ImageNet CNNs'
+    five stride-2 stages need); unset, the data keeps its own side (and the FP cache key of
+    configs without the field)."""
+    from packptq.fp import fp_cache_key
+
+    own, big = dm(name=name, calib_size=8), dm(name=name, calib_size=8, img_size=32)
+    assert own.meta()["img_size"] == native and big.meta() == {"num_classes": 10, "in_chans": 1, "img_size": 32}
+    own.setup(), big.setup()
+    (xo, yo), (xb, yb) = own.calib_tensors(), big.calib_tensors()
+    assert xb.shape == (8, 1, 32, 32) and torch.equal(yo, yb)  # the same images, in the same order
+    if name == "mnist5k":  # digits resizes its 8x8 originals straight to the asked side
+        want = torch.nn.functional.interpolate(xo, size=(32, 32), mode="bilinear", align_corners=False)
+        assert torch.allclose(xb, want, atol=1e-5)
+    assert big.test_set[0][0].shape == (1, 32, 32)
+    from packptq.zoo.build import ModelConfig
+
+    model = ModelConfig(name="resnet18")
+    assert fp_cache_key(model, own.cfg) != fp_cache_key(model, big.cfg)
+    # a config class without the field (as before it existed) keys the same FP model
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(own.cfg) if f.name != "img_size"]
+    Older = dataclasses.make_dataclass("Older", fields)
+    older = Older(**{k: v for k, v in dataclasses.asdict(own.cfg).items() if k != "img_size"})
+    assert fp_cache_key(model, older) == fp_cache_key(model, own.cfg)
+    raises_one_line("data.img_size must be >= 1", lambda: dm(name=name, img_size=0))
+
+
 # ---------------------------------------------------------------------------------------------
 # the validation split (data.val_size)
 # ---------------------------------------------------------------------------------------------

