@@ -62,6 +62,8 @@ def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None, logger=None)
     qz = quantized(cfg, logger)
     final = evaluate.run(qz.ctx, qz.twins.qmodel, qz.fp.data, qz.fp.preds, phase="eval")
     results = evaluate.results(qz.ctx, qz.settings, qz.fp, qz.rtn, qz.ptq, final, overrides, cfg.seed, code)
+    if qz.settings.recon.eval_rounding == "soft":  # a named diagnostic beside the on-grid number
+        results["offgrid"] = evaluate.offgrid(qz.ctx, qz.twins.qmodel, qz.fp.data, qz.fp.preds)
     if cfg.get("export"):  # export=pt|onnx: the deployable artefact beside the results
         results["export"] = export_run(qz, str(cfg.export))
     qz.ctx.rd.write_json("results.json", results)

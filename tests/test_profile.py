@@ -359,3 +359,65 @@ def test_official_profile_runs_and_records_its_switches(tmp_path, trained_tiny):
         assert cfg[section][key] == official, (section, key)
     assert res["quant"]["first_last_bits"] is None and res["packing"]["loss"] == "official"
     assert res["quant_top1"] > 50 and res["rtn_top1"] > 10  # digits: chance is 10%
+
+
+# -- the off-grid diagnostic (recon.eval_rounding=soft) ---------------------------------------------
+def test_soft_rounding_is_the_official_codes_soft_weight_and_is_undone():
+    """Inside ``soft_rounding`` a reconstructed weight is the official AdaRoundQuantizer's with
+    soft targets on: clamp(floor(w/d) + h(V) + zp, 0, n-1), minus zp, times d, with
+    h = clamp(sigmoid(V) * 1.2 - 0.1, 0, 1); outside it, the hard (on-grid) weight again."""
+    from packptq.evaluate import soft_rounding
+    from packptq.quant.quantizer import WeightQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 5)
+    wq = WeightQuantizer(w, bits=2)
+    wq.init_adaround(w)
+    with torch.no_grad():
+        wq.alpha.normal_(0, 2)
+    wq.mode = "hard"
+    holder = nn.Module()
+    holder.wq = wq
+    hard = wq(w)
+    s, z = wq._sz(w)
+    assert torch.allclose(hard / s + z, (hard / s + z).round(), atol=1e-4)  # on the grid
+    with soft_rounding(holder) as n:
+        soft = wq(w)
+    h = torch.clamp(torch.sigmoid(wq.alpha) * 1.2 - 0.1, 0, 1)
+    official = (torch.clamp(torch.floor(w / s) + h + z, 0, wq.qmax) - z) * s
+    assert n == 1 and torch.allclose(soft, official, atol=1e-6)
+    assert (soft / s + z - (soft / s + z).round()).abs().max() > 0.05  # off the grid
+    assert wq.mode == "hard" and torch.equal(wq(w), hard)
+
+
+@pytest.mark.slow
+def test_offgrid_diagnostic_is_named_beside_the_unchanged_top1_and_survives_resume(tmp_path, trained_tiny):
+    from packptq.pipeline import run
+
+    from conftest import tiny_cfg
+
+    base = ("packing=block", "quant=w2a4", "recon.iters=10")
+    hard = run(tiny_cfg(tmp_path / "hard", *base))
+    soft = run(tiny_cfg(tmp_path / "soft", *base, "recon.eval_rounding=soft"))
+    assert "offgrid" not in hard and soft["offgrid"]["soft_quantizers"] > 0
+    assert "not a quantized model" in " ".join(evaluate_table(soft))
+    # the diagnostic changes no training and not the run's number: evaluated on the grid as ever
+    assert soft["quant_top1"] == hard["quant_top1"] and soft["agreement"] == hard["agreement"]
+    # resumed from its unit files, the soft run finds V itself again (not only its sign)
+    again = run(tiny_cfg(tmp_path / "soft", *base, "recon.eval_rounding=soft"))
+    assert again["offgrid"] == soft["offgrid"]
+    # a hard run's unit files keep signs only: asking them for the diagnostic is refused
+    with pytest.raises(ConfigError):
+        run(tiny_cfg(tmp_path / "hard", *base, "recon.eval_rounding=soft"))
+
+
+def evaluate_table(results: dict) -> list:
+    from packptq.evaluate import table
+
+    return table(results)
+
+
+def test_eval_rounding_takes_hard_or_soft_only():
+    assert ReconConfig().eval_rounding == "hard"
+    with pytest.raises(ConfigError, match=r"recon.eval_rounding=nearest; use hard\|soft"):
+        ReconConfig(eval_rounding="nearest")

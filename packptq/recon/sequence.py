@@ -100,25 +100,39 @@ def _is_fp_param(key: str) -> bool:
         t in key for t in ("wq.", "aq.", "_quant.", "alpha", "scale", "zero_point", "initialized", "elems_per_sample"))
 
 
-def unit_state(module: nn.Module) -> dict:
+#: the suffix of the float rounding variables a unit file keeps besides the hard decisions
+#: (``recon.eval_rounding=soft`` only: the off-grid diagnostic needs h(V), not just its sign)
+SOFT_SUFFIX = "alpha_soft"
+
+
+def unit_state(module: nn.Module, keep_soft: bool = False) -> dict:
     """What PTQ changed in ``module``: quantizer parameters, and AdaRound's hard rounding
-    decisions stored as booleans (only the sign of V matters once frozen)."""
+    decisions stored as booleans (only the sign of V matters once frozen); with ``keep_soft``
+    also V itself (``...alpha_soft``), for the off-grid evaluation."""
     out = {}
     for k, v in module.state_dict().items():
         if _is_fp_param(k):
             continue
         out[k] = (v >= 0) if k.endswith("alpha") else v.detach().cpu()
+        if keep_soft and k.endswith("alpha"):
+            out[k + SOFT_SUFFIX[len("alpha"):]] = v.detach().cpu().float()
     return out
 
 
 def load_unit_state(module: nn.Module, sd: dict) -> None:
-    """Restore a reconstructed unit (creating its AdaRound variables first) and freeze it."""
+    """Restore a reconstructed unit (creating its AdaRound variables first) and freeze it.
+    Where the file keeps V itself (``alpha_soft``), V is restored (its sign is the hard decision)."""
     for name, m in module.named_modules():
         key = f"{name}.alpha" if name else "alpha"
         if hasattr(m, "init_adaround") and key in sd:
             m.alpha = nn.Parameter(torch.zeros(sd[key].shape), requires_grad=False)
             m.mode = "hard"
-    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items()}
+    soft = {k[: -len(SOFT_SUFFIX)] + "alpha": v for k, v in sd.items() if k.endswith(SOFT_SUFFIX)}
+    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items() if not k.endswith(SOFT_SUFFIX)}
+    for k, v in soft.items():
+        if not torch.equal(v >= 0, sd[k] > 0):
+            raise ConfigError(f"unit artifact: {k}_soft disagrees with its hard rounding decisions; delete the file")
+        sd[k] = v
     res = module.load_state_dict(sd, strict=False)
     if res.unexpected_keys or any(not _is_fp_param(k) for k in res.missing_keys):
         raise ConfigError(f"unit artifact does not match the model: missing {res.missing_keys[:5]}, "
@@ -384,7 +398,7 @@ class ReconSequence:
             # Written before unit_XX.pt, which marks the unit done: a run killed between the two
             # refits the unit instead of resuming without its losses.
             rd.write_json(record, {"key": u.key, "names": u.names, "loss": ls, **timing})
-            rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module)})
+            rd.save_pt(name, {"key": u.key, "names": u.names, "fingerprint": rd.run_fp, "state": unit_state(module, self.cfg.eval_rounding == "soft")})
             self.losses[u.key] = ls
         self._step_offset += ucfg.iters
         self._bar.update(done + ucfg.iters - self._bar.n)  # a loaded unit, or one stopped early

@@ -58,6 +58,10 @@ class ReconConfig:
     cache_mode: str = "auto"
     cache_budget: Optional[str] = None  # memory one unit's cache may hold: bytes, "512MB", "4GB"; null: no limit
     log_every: int = 50
+    # the final evaluation's rounding: hard (on the quantization grid: the quantized model) |
+    # soft (diagnostic only: AdaRound's soft h(V) kept at evaluation, weights off the grid, as the
+    # official Pack-PTQ code evaluates; reported as offgrid_top1 beside the on-grid top-1)
+    eval_rounding: str = "hard"
     # at the start, a probe (1-2 s on the embedded resnet18) predicts each unit's wall time:
     # printed, and kept beside the measured time in unit_XX.json
     predict: bool = True
@@ -88,6 +92,8 @@ class ReconConfig:
             raise ConfigError(f"recon.warmup={self.warmup} must be in [0, 1]")
         if self.log_every < 1:
             raise ConfigError(f"recon.log_every={self.log_every} must be >= 1")
+        if self.eval_rounding not in ("hard", "soft"):
+            raise ConfigError(f"recon.eval_rounding={self.eval_rounding}; use hard|soft (soft: an off-grid diagnostic)")
 
 
 class _Steps:
