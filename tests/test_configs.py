@@ -128,10 +128,11 @@ def test_method_sets_its_recipe(method, tmp_path):
     assert (cfg.packing.policy, cfg.recon.drop_prob) == ("block", 0.7)
 
 
-def test_mp_method_holds_weights_and_activations_to_the_target(tmp_path):
-    """Pack-PTQ + MP at equal cost: the budget defaults to the target weight and activation bits."""
+def test_mp_method_holds_weights_and_activations_to_the_uniform_model(tmp_path):
+    """Pack-PTQ + MP at equal cost: the budgets are the uniform model's weight and activation
+    averages (tests/test_mp_allocators.py checks the allocation against them)."""
     t = check_owned(compose_cfg(base(tmp_path) + ["method=packptq_mp", "quant=w3a3"]))
-    assert (t["mp"].avg_bits, t["mp"].a_avg_bits, t["mp"].acts) == (None, None, "follow")
+    assert (t["mp"].avg_bits, t["mp"].a_avg_bits, t["mp"].acts, t["mp"].budget) == (None, None, "follow", "uniform")
 
 
 @pytest.mark.parametrize("option", options("profile"))

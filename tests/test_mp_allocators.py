@@ -197,3 +197,31 @@ def test_official_skips_a_pack_that_does_not_fit_and_tries_the_next():
     assert a.bits == (3, 4, 4)
     # ties: the earlier pack first
     assert allocate(OFF, 3, [10, 10, 10], omega=[1.0, 1.0, 1.0]).bits == (4, 3, 3)
+
+
+def test_uniform_budget_is_the_uniform_models_cost_exactly():
+    """mp.budget=uniform: with the first and last layer at 8 bits the target itself (2.0 bits per
+    weight) is out of reach, while the uniform model's averages are the budget, met exactly."""
+    sizes, pw, sw = [100, 100], 30, 10
+    edges = dict(prefix_bits=8, suffix_bits=8)
+    with pytest.raises(ConfigError, match="below the smallest reachable average"):
+        check_feasible(budget_cfg(**edges), 2, sizes, pw, sw)
+    check_feasible(budget_cfg(budget="uniform", **edges), 2, sizes, pw, sw)
+    # pack 1 gains much from 4 bits, pack 0 loses little at 2: one bit moves, the totals stay
+    cost = [{2: 1.0, 3: 0.9, 4: 0.8}, {2: 9.0, 3: 5.0, 4: 0.1}]
+    acts = ([40, 40], 20, 20)
+    a = allocate(budget_cfg(budget="uniform", **edges), 3, sizes, cost=cost, prefix_weights=pw,
+                 suffix_weights=sw, acts=acts, a_target=3)
+    uniform_w = 8 * pw + 8 * sw + 3 * sum(sizes)
+    assert a.bits == (2, 4) and a.total_bits == uniform_w
+    assert a.budget_avg_bits == pytest.approx(uniform_w / (sum(sizes) + pw + sw))
+    same = allocate(MPConfig(policy="none", **edges), 3, sizes, prefix_weights=pw, suffix_weights=sw,
+                    acts=acts, a_target=3)  # the uniform model itself
+    assert same.bits == (3, 3) and same.total_bits == uniform_w
+    assert a.a_budget_avg_bits == pytest.approx(same.a_avg_bits) and a.a_avg_bits == pytest.approx(same.a_avg_bits)
+    # an explicit average still wins over either meaning of null
+    assert allocate(budget_cfg(budget="uniform", avg_bits=3.0), 3, sizes, cost=cost).budget_avg_bits == 3.0
+    with pytest.raises(ConfigError, match="mp.budget=uniform is only read by mp.policy=budget"):
+        MPConfig(policy="official", budget="uniform", sensitivity="omega")
+    with pytest.raises(ConfigError, match="mp.budget='equal' is unknown"):
+        budget_cfg(budget="equal")

@@ -180,7 +180,7 @@ def test_plan_types_the_section_once_and_returns_none_for_none():
     assert (p.cfg.prefix_bits, p.cfg.suffix_bits) == (8, 8)  # pinned to what the allocation uses
     d = p.describe()
     assert set(d) == {"policy", "avg_bits", "target_w_bits", "target_a_bits", "achieved_w_bits", "a_avg_bits",
-                      "achieved_a_bits", "candidates",
+                      "achieved_a_bits", "candidates", "budget",
                       "sensitivity", "acts", "solver", "prefix_bits", "suffix_bits", "feasible_range", "cost",
                       "bits", "a_bits"}
     assert (d["policy"], d["avg_bits"], d["candidates"], d["sensitivity"], d["achieved_w_bits"]) == \

@@ -173,6 +173,7 @@ class _Reach(NamedTuple):
     candidates: Tuple[int, ...]
     prefix_bits: int
     suffix_bits: int
+    uniform_bits: int  # every pack at the target bits
 
 
 def _reach(cfg: MPConfig, target_bits: int, sizes: Sequence[int], prefix_weights: int,
@@ -185,7 +186,7 @@ def _reach(cfg: MPConfig, target_bits: int, sizes: Sequence[int], prefix_weights
         raise ValueError("no quantized weights")
     fixed = prefix_bits * prefix_weights + suffix_bits * suffix_weights
     return _Reach(fixed + candidates[0] * s, fixed + candidates[-1] * s, n, candidates,
-                  prefix_bits, suffix_bits)
+                  prefix_bits, suffix_bits, fixed + target_bits * s)
 
 
 def feasible_range(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
@@ -199,6 +200,12 @@ def feasible_range(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
     return r.lo_bits / r.n, r.hi_bits / r.n
 
 
+def uniform_budget(cfg: MPConfig) -> bool:
+    """Whether the weight budget is the uniform model's average (``mp.budget=uniform``, no
+    explicit ``mp.avg_bits``)."""
+    return cfg.policy == "budget" and cfg.avg_bits is None and cfg.budget == "uniform"
+
+
 def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
                    prefix_weights: int = 0, suffix_weights: int = 0) -> Tuple[float, float]:
     """``feasible_range``, after checking a user-given budget against it: ConfigError when the
@@ -208,8 +215,11 @@ def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
     r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights)
     allocator = cfg.allocator
     if allocator.reads_avg_bits:
-        avg = allocator.budget_avg_bits(cfg, r.candidates, target_bits)
-        want = Fraction(repr(float(avg))) * r.n
+        if uniform_budget(cfg):
+            avg, want = r.uniform_bits / r.n, Fraction(r.uniform_bits)
+        else:
+            avg = allocator.budget_avg_bits(cfg, r.candidates, target_bits)
+            want = Fraction(repr(float(avg))) * r.n
         if not r.lo_bits <= want <= r.hi_bits:
             # shown rounded inwards, so a value copied from the message is feasible
             lo = math.ceil(r.lo_bits / r.n * 1e4) / 1e4
@@ -271,8 +281,12 @@ class BudgetAllocator(Allocator):
 
     def allocate(self, p: MPProblem) -> Allocation:
         check_feasible(p.cfg, p.target_bits, p.sizes, p.prefix_weights, p.suffix_weights)
-        avg = self.budget_avg_bits(p.cfg, p.candidates, p.target_bits)
-        cap = budget_bits(avg, p.n_weights)
+        if uniform_budget(p.cfg):  # the uniform model's total, exactly
+            cap = p.fixed_bits + p.target_bits * int(sum(p.sizes))
+            avg = cap / p.n_weights
+        else:
+            avg = self.budget_avg_bits(p.cfg, p.candidates, p.target_bits)
+            cap = budget_bits(avg, p.n_weights)
         if p.cfg.acts == "follow" and p.pack_acts is not None and p.a_target is not None and p.n_acts:
             return self._weights_and_acts(p, avg, cap)
         sol = solve_mckp(p.sizes, p.candidates, p.costs, cap - p.fixed_bits)
@@ -281,10 +295,14 @@ class BudgetAllocator(Allocator):
     def _weights_and_acts(self, p: MPProblem, avg: float, cap: int) -> Allocation:
         """Activations follow the weights: hold the weight average to ``avg`` and the activation
         average (elements per sample) to ``mp.a_avg_bits``, each exactly (two knapsack rows)."""
-        a_avg = float(p.cfg.a_avg_bits) if p.cfg.a_avg_bits is not None else float(p.a_target)
         a_bits = [p.act_bits_of(b) for b in p.candidates]
         a_fixed = p.prefix_acts * p.act_bits_of(p.prefix_bits) + p.suffix_acts * p.act_bits_of(p.suffix_bits)
-        a_cap = budget_bits(a_avg, p.n_acts)
+        if p.cfg.a_avg_bits is None and p.cfg.budget == "uniform":  # the uniform model's total
+            a_cap = a_fixed + p.act_bits_of(p.target_bits) * int(sum(p.pack_acts))
+            a_avg = a_cap / p.n_acts
+        else:
+            a_avg = float(p.cfg.a_avg_bits) if p.cfg.a_avg_bits is not None else float(p.a_target)
+            a_cap = budget_bits(a_avg, p.n_acts)
         w_use = np.array([[s * b for b in p.candidates] for s in p.sizes])
         a_use = np.array([[a * ab for ab in a_bits] for a in p.pack_acts])
         try:

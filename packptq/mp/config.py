@@ -23,6 +23,8 @@ from packptq.registry import Registry
 MIN_BITS, MAX_BITS = 2, 8
 SENSITIVITIES = ("kl", "omega")
 ACT_MODES = ("follow", "fixed")
+#: what a null mp.avg_bits / mp.a_avg_bits means for mp.policy=budget (MPConfig.budget)
+BUDGETS = ("target", "uniform")
 SENSITIVITY_FILE = "sensitivity.json"
 BITS_FILE = "bits.json"
 
@@ -125,6 +127,10 @@ class MPConfig:
     a_avg_bits: with ``budget`` and ``acts=follow``, the budget in bits per activation element
       (per sample, over every quantized activation); null = the target activation bits. The
       allocation then holds weights and activations each to its average.
+    budget: what a null ``avg_bits`` / ``a_avg_bits`` means for ``budget``: ``target`` (the target
+      weight / activation bits) or ``uniform`` (the averages of the uniform model at the target
+      bits, prefix and suffix included: equal weight and activation cost to a uniform run whose
+      first and last layer sit at other bits, where the target itself may be unreachable).
     prefix_bits / suffix_bits: weight bits of the prefix (stem) and suffix (head); null =
       ``quant.first_last_bits`` when the pipeline has one, else the target (``none``,
       ``budget``) or the high candidate (``official``); see ``boundary_bits``.
@@ -138,6 +144,7 @@ class MPConfig:
     prefix_bits: Optional[int] = None
     suffix_bits: Optional[int] = None
     a_avg_bits: Optional[float] = None
+    budget: str = "target"
 
     def __post_init__(self) -> None:
         if self.policy not in ALLOCATORS:
@@ -153,6 +160,10 @@ class MPConfig:
         if self.a_avg_bits is not None and not (self.policy == "budget" and self.acts == "follow"):
             raise ConfigError("mp.a_avg_bits is only used by mp.policy=budget with mp.acts=follow; "
                               "set mp.a_avg_bits=null")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"mp.budget='{self.budget}' is unknown; known: {', '.join(BUDGETS)}")
+        if self.budget != "target" and self.policy != "budget":
+            raise ConfigError(f"mp.budget={self.budget} is only read by mp.policy=budget; set mp.budget=target")
         if self.a_avg_bits is not None and not math.isfinite(self.a_avg_bits):
             raise ConfigError(f"mp.a_avg_bits must be a finite number or null, got {self.a_avg_bits}")
         if self.avg_bits is not None and not math.isfinite(self.avg_bits):

@@ -37,7 +37,7 @@ from torch import nn
 from packptq.config import ConfigError, typed
 from packptq.mp import sensitivity
 from packptq.mp.accounting import act_count, bit_accounting, bits_json, weight_count, weight_counts
-from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs
+from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs, uniform_budget
 from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, act_bits, boundary_bits,
                                resolve_candidates)
 from packptq.quant import QuantConfig
@@ -112,7 +112,8 @@ class MixedPrecision:
         lo, hi = self.feasible
         log.info(f"mp={self.cfg.policy}: candidates {list(self.candidates)}, prefix/suffix at "
                  f"{self.prefix_bits}/{self.suffix_bits} bits, reachable average [{lo:.4f}, {hi:.4f}] "
-                 f"bits per weight" + (f", budget {self.target_avg_bits:g}" if self.target_avg_bits else ""))
+                 f"bits per weight" + (", budget the uniform model's average" if uniform_budget(self.cfg) else
+                                       f", budget {self.target_avg_bits:g}" if self.target_avg_bits else ""))
         return self.feasible
 
     # -- the bits phase -----------------------------------------------------------------------
@@ -192,7 +193,9 @@ class MixedPrecision:
         a = self.allocation
         return {
             "policy": self.cfg.policy,
-            "avg_bits": self.target_avg_bits,  # the budget the allocation was held to
+            # the budget the allocation was held to
+            "avg_bits": self.target_avg_bits if a is None or a.budget_avg_bits is None else a.budget_avg_bits,
+            "budget": self.cfg.budget,
             "target_w_bits": self.w_bits,
             "target_a_bits": self.a_bits,
             "achieved_w_bits": None if a is None else a.avg_bits,
