@@ -3,7 +3,7 @@
 # MNIST-5k, W2A4 and W3A3, RTN / AdaRound / BRECQ / QDrop / Pack-PTQ (packptq's and the official
 # profile) / Pack-PTQ + MP, 3 seeds. Two steps, each one multirun (two jobs side by side, one
 # thread each):
-#   1. recon.w_lr on the validation split: 1e-3, 3e-3, 1e-2, 3e-2 for BRECQ and Pack-PTQ on both models
+#   1. recon.w_lr on the validation split: 1e-3, 3e-3, 1e-2, 3e-2, 1e-1 for BRECQ and Pack-PTQ on both models
 #      and both bit settings, seed 0; the rate with the highest mean validation top-1 is kept
 #      (the test split plays no part in the choice);
 #   2. the table at that rate.
@@ -15,7 +15,7 @@ OUT=${1:-multirun/cpu_methods}
 export OMP_WAIT_POLICY=PASSIVE  # idle OpenMP threads sleep: two one-thread jobs share 2 cores
 COMMON=(experiment=cpu_methods model=resnet18,mobilenetv2_100 quant=w2a4,w3a3)
 
-packptq -m "${COMMON[@]}" method=brecq,packptq recon.w_lr=1e-3,3e-3,1e-2,3e-2 seed=0 hydra.sweep.dir="$OUT/tune"
+packptq -m "${COMMON[@]}" method=brecq,packptq recon.w_lr=1e-3,3e-3,1e-2,3e-2,1e-1 seed=0 hydra.sweep.dir="$OUT/tune"
 packptq-report "$OUT/tune" --out experiments/results/cpu_methods_lr
 LR=$(python - experiments/results/cpu_methods_lr/results.csv <<'PY'
 import sys
