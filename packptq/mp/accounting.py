@@ -26,6 +26,25 @@ def weight_count(modules: Iterable[nn.Module]) -> int:
     return sum(int(m.weight.numel()) for m in seen.values())
 
 
+def quantized_layers(modules: Iterable[nn.Module]) -> List[nn.Module]:
+    """The outermost quantized layers among or below ``modules``, in module order, each once: a
+    QuantLayer (not its inner Conv/Linear) or, on an unquantized model, a Conv1d/Conv2d/Linear."""
+    from packptq.quant import QuantLayer
+
+    out, seen = [], set()
+    for top in modules:
+        for m in top.modules():
+            if id(m) in seen:
+                continue
+            if isinstance(m, QuantLayer):
+                seen.update(id(x) for x in m.modules())
+                out.append(m)
+            elif isinstance(m, QUANTIZED_TYPES):
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
 def act_count(modules: Iterable[nn.Module]) -> int:
     """Activation elements per sample quantized inside ``modules``: ``elems_per_sample`` of every
     enabled activation quantizer among or below them (the inputs of QuantLayers, both operands

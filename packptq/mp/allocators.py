@@ -43,8 +43,7 @@ def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
     bits = tuple(int(b) for b in bits)
     a_avg = None
     if p.pack_acts is not None and p.a_target is not None and p.n_acts:
-        a_total = (sum(a * p.act_bits_of(b) for a, b in zip(p.pack_acts, bits))
-                   + p.prefix_acts * p.act_bits_of(p.prefix_bits) + p.suffix_acts * p.act_bits_of(p.suffix_bits))
+        a_total = sum(a * p.act_bits_of(b) for a, b in zip(p.pack_acts, bits)) + p.fixed_act_bits
         a_avg = a_total / p.n_acts
     total = p.fixed_bits + sum(s * b for s, b in zip(p.sizes, bits))
     cost = None
@@ -56,7 +55,7 @@ def _finalize(p: MPProblem, bits: Sequence[int], budget_avg: Optional[float],
         sizes=p.sizes, prefix_bits=p.prefix_bits, suffix_bits=p.suffix_bits,
         prefix_weights=p.prefix_weights, suffix_weights=p.suffix_weights, total_bits=total,
         avg_bits=total / p.n_weights, budget_avg_bits=budget_avg, budget_bits=budget_bits,
-        cost=cost, solver=solver, a_avg_bits=a_avg, a_budget_avg_bits=a_budget,
+        cost=cost, solver=solver, a_avg_bits=a_avg, a_budget_avg_bits=a_budget, rest_weights=p.rest_weights,
     )
 
 
@@ -93,7 +92,8 @@ def cost_table(cost: CostLike, n_packs: int, candidates: Sequence[int]) -> np.nd
 def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
                  cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
                  prefix_weights: int = 0, suffix_weights: int = 0,
-                 acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None) -> MPProblem:
+                 acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None,
+                 rest: Tuple[int, int] = (0, 0)) -> MPProblem:
     """Validate the inputs of ``allocate`` and resolve defaults. See ``allocate``."""
     allocator = cfg.allocator
     candidates = resolve_candidates(cfg, target_bits)
@@ -129,15 +129,18 @@ def make_problem(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
         pack_acts = tuple(int(a) for a in pack_acts)
         if len(pack_acts) != n or min(pack_acts + (int(prefix_acts), int(suffix_acts))) < 0:
             raise ValueError(f"acts must give {n} pack counts and prefix/suffix counts >= 0")
+    if min(rest) < 0:
+        raise ValueError(f"rest weights and activations must be >= 0, got {rest}")
     return MPProblem(cfg, target_bits, candidates, sizes_t, prefix_bits, suffix_bits,
                      int(prefix_weights), int(suffix_weights), table, om, pack_acts, int(prefix_acts),
-                     int(suffix_acts), a_target)
+                     int(suffix_acts), a_target, int(rest[0]), int(rest[1]))
 
 
 def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
              cost: Optional[CostLike] = None, omega: Optional[Sequence[float]] = None,
              prefix_weights: int = 0, suffix_weights: int = 0,
-             acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None) -> Allocation:
+             acts: Optional[Tuple[Sequence[int], int, int]] = None, a_target: Optional[int] = None,
+             rest: Tuple[int, int] = (0, 0)) -> Allocation:
     """Choose weight bits per pack with the registered allocator of ``cfg.policy``.
 
     target_bits: the target weight bits (quant.w_bits), 2..8.
@@ -151,12 +154,14 @@ def allocate(cfg: MPConfig, target_bits: int, sizes: Sequence[int], *,
       activations in their budget (``official``; ``budget`` with ``mp.acts=follow`` and
       ``a_target``, which then holds the activation average to ``mp.a_avg_bits`` too).
     a_target: the target activation bits (quant.a_bits).
+    rest: (weights, activation elements per sample) of prefix/suffix layers held at the target
+      bits (all but the first and last layer, for allocators with ``boundary == "edges"``).
 
     Raises ConfigError for a budget outside ``feasible_range`` (before any solving) and
     ValueError for malformed inputs."""
     problem = make_problem(cfg, target_bits, sizes, cost=cost, omega=omega,
                            prefix_weights=prefix_weights, suffix_weights=suffix_weights, acts=acts,
-                           a_target=a_target)
+                           a_target=a_target, rest=rest)
     return cfg.allocator.allocate(problem)
 
 
@@ -177,26 +182,26 @@ class _Reach(NamedTuple):
 
 
 def _reach(cfg: MPConfig, target_bits: int, sizes: Sequence[int], prefix_weights: int,
-           suffix_weights: int) -> _Reach:
+           suffix_weights: int, rest_weights: int = 0) -> _Reach:
     candidates = resolve_candidates(cfg, target_bits)
     prefix_bits, suffix_bits = boundary_bits(cfg, target_bits)
     s = int(sum(int(x) for x in sizes))
-    n = s + prefix_weights + suffix_weights
+    n = s + prefix_weights + suffix_weights + rest_weights
     if n <= 0:
         raise ValueError("no quantized weights")
-    fixed = prefix_bits * prefix_weights + suffix_bits * suffix_weights
+    fixed = prefix_bits * prefix_weights + suffix_bits * suffix_weights + target_bits * rest_weights
     return _Reach(fixed + candidates[0] * s, fixed + candidates[-1] * s, n, candidates,
                   prefix_bits, suffix_bits, fixed + target_bits * s)
 
 
 def feasible_range(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
-                   prefix_weights: int = 0, suffix_weights: int = 0) -> Tuple[float, float]:
+                   prefix_weights: int = 0, suffix_weights: int = 0, rest_weights: int = 0) -> Tuple[float, float]:
     """(lo, hi) average bits per weight reachable with ``cfg``'s candidates: every pack at the
     lowest candidate, resp. the highest, prefix/suffix at their bits. Depends on sizes only
     through ``sum(sizes)``, so per-block weight counts work before packing.
 
     For ``none`` lo == hi == the achieved average; for ``official`` it is (all mid, all high)."""
-    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights)
+    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights, rest_weights)
     return r.lo_bits / r.n, r.hi_bits / r.n
 
 
@@ -207,12 +212,12 @@ def uniform_budget(cfg: MPConfig) -> bool:
 
 
 def check_feasible(cfg: MPConfig, target_bits: int, sizes: Sequence[int],
-                   prefix_weights: int = 0, suffix_weights: int = 0) -> Tuple[float, float]:
+                   prefix_weights: int = 0, suffix_weights: int = 0, rest_weights: int = 0) -> Tuple[float, float]:
     """``feasible_range``, after checking a user-given budget against it: ConfigError when the
     allocator reads ``mp.avg_bits`` and it lies outside (below: no allocation fits; above:
     every pack at the top candidate still under-spends it). The message names the range.
     Cheap: the pipeline calls it before any compute."""
-    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights)
+    r = _reach(cfg, target_bits, sizes, prefix_weights, suffix_weights, rest_weights)
     allocator = cfg.allocator
     if allocator.reads_avg_bits:
         if uniform_budget(cfg):
@@ -280,7 +285,7 @@ class BudgetAllocator(Allocator):
         return cfg.sensitivity
 
     def allocate(self, p: MPProblem) -> Allocation:
-        check_feasible(p.cfg, p.target_bits, p.sizes, p.prefix_weights, p.suffix_weights)
+        check_feasible(p.cfg, p.target_bits, p.sizes, p.prefix_weights, p.suffix_weights, p.rest_weights)
         if uniform_budget(p.cfg):  # the uniform model's total, exactly
             cap = p.fixed_bits + p.target_bits * int(sum(p.sizes))
             avg = cap / p.n_weights
@@ -296,7 +301,7 @@ class BudgetAllocator(Allocator):
         """Activations follow the weights: hold the weight average to ``avg`` and the activation
         average (elements per sample) to ``mp.a_avg_bits``, each exactly (two knapsack rows)."""
         a_bits = [p.act_bits_of(b) for b in p.candidates]
-        a_fixed = p.prefix_acts * p.act_bits_of(p.prefix_bits) + p.suffix_acts * p.act_bits_of(p.suffix_bits)
+        a_fixed = p.fixed_act_bits
         if p.cfg.a_avg_bits is None and p.cfg.budget == "uniform":  # the uniform model's total
             a_cap = a_fixed + p.act_bits_of(p.target_bits) * int(sum(p.pack_acts))
             a_avg = a_cap / p.n_acts
@@ -337,6 +342,8 @@ class OfficialAllocator(Allocator):
        else left at mid and the next one is tried;
     6. a pack's activations take its bits (``mp.acts=follow``).
     Without activation counts (``acts`` not given) storage is weights alone."""
+
+    boundary = "units"  # its prefix and suffix modules, whole, at high
 
     sensitivity = "omega"
     pack_omega = "mean"

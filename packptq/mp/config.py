@@ -45,7 +45,11 @@ class Allocator:
     - ``takes_candidates``: whether ``mp.candidates`` means anything to it.
     - ``sensitivity``: the only ``mp.sensitivity`` it accepts (None: any).
     - ``sets_bits``: whether the pipeline applies its allocation (False: every layer keeps the
-      quant config's bits and no mixed-precision plan is made)."""
+      quant config's bits and no mixed-precision plan is made).
+    - ``boundary``: which layers outside the packs take the prefix/suffix bits: ``edges`` (the
+      first layer of the prefix and the last of the suffix, the layers ``quant.first_last_bits``
+      pins in a uniform run; the other prefix/suffix layers, e.g. MobileNetV2's conv_head, stay at
+      the target bits) or ``units`` (every layer of the prefix and the suffix)."""
 
     name: str = ""
     #: how a pack's omega comes from its blocks' omega_b: "sum" or "mean"
@@ -58,6 +62,7 @@ class Allocator:
     takes_candidates: bool = True
     sensitivity: Optional[str] = None
     sets_bits: bool = True
+    boundary: str = "edges"
 
     # -- config ---------------------------------------------------------------------------------
     def validate(self, cfg: "MPConfig") -> None:
@@ -246,6 +251,11 @@ class MPProblem:
     suffix_acts: int = 0
     #: the target activation bits (quant.a_bits), when the activation accounting is known
     a_target: Optional[int] = None
+    #: weights / activation elements of prefix and suffix layers other than the first and last
+    #: layer, where the allocator pins only those two (``Allocator.boundary == "edges"``): they
+    #: stay at the target bits, as in a uniform run
+    rest_weights: int = 0
+    rest_acts: int = 0
 
     def act_bits_of(self, w_bits: int) -> int:
         """Activation bits that go with weight bits ``w_bits`` under ``mp.acts``."""
@@ -253,16 +263,23 @@ class MPProblem:
 
     @property
     def n_acts(self) -> int:
-        return sum(self.pack_acts or ()) + self.prefix_acts + self.suffix_acts
+        return sum(self.pack_acts or ()) + self.prefix_acts + self.suffix_acts + self.rest_acts
 
     @property
     def n_weights(self) -> int:
-        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights + self.rest_weights
 
     @property
     def fixed_bits(self) -> int:
-        """Bits spent on the prefix and suffix weights."""
-        return self.prefix_bits * self.prefix_weights + self.suffix_bits * self.suffix_weights
+        """Bits spent on the weights outside the packs (prefix, suffix, the rest at the target)."""
+        return (self.prefix_bits * self.prefix_weights + self.suffix_bits * self.suffix_weights
+                + self.target_bits * self.rest_weights)
+
+    @property
+    def fixed_act_bits(self) -> int:
+        """Activation bits per sample outside the packs."""
+        return (self.prefix_acts * self.act_bits_of(self.prefix_bits) + self.suffix_acts * self.act_bits_of(self.suffix_bits)
+                + self.rest_acts * self.act_bits_of(self.target_bits))
 
 
 @dataclass(frozen=True)
@@ -294,10 +311,12 @@ class Allocation:
     #: bits per activation element achieved / allowed, when activations are accounted
     a_avg_bits: Optional[float] = None
     a_budget_avg_bits: Optional[float] = None
+    #: prefix/suffix weights held at the target bits (``MPProblem.rest_weights``)
+    rest_weights: int = 0
 
     @property
     def n_weights(self) -> int:
-        return sum(self.sizes) + self.prefix_weights + self.suffix_weights
+        return sum(self.sizes) + self.prefix_weights + self.suffix_weights + self.rest_weights
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready dict of every field (tuples become lists)."""

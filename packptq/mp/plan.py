@@ -10,11 +10,12 @@ model, allocate, and apply the decision.
   allocation, the bits set on every QuantLayer, ``bits.json`` and ``sensitivity.json``.
 
 Conventions:
-- Prefix (stem) and suffix (head): every QuantLayer outside the blocks takes the bits
-  ``boundary_bits`` resolves: ``mp.prefix_bits`` / ``mp.suffix_bits``, else
-  ``quant.first_last_bits`` when set (for ResNet and ViT/DeiT the prefix and suffix are exactly
-  the first and last layer, so an MP run keeps them where a uniform run with the same quant
-  config does), else the policy's default. Their bits count against the budget either way.
+- Prefix (stem) and suffix (head): the first layer of the prefix and the last of the suffix
+  take the bits ``boundary_bits`` resolves: ``mp.prefix_bits`` / ``mp.suffix_bits``, else
+  ``quant.first_last_bits`` when set, else the policy's default; any other layer outside the
+  blocks (MobileNetV2's conv_head) stays at the target bits. An MP run thus keeps them where a
+  uniform run with the same quant config does. The official rule (``boundary = "units"``) puts
+  every prefix and suffix layer at its high bits instead. All of them count against the budget.
 - Activations: ``mp.acts=follow`` moves the activation quantizers of a pack (the QuantLayers'
   and those of quantized attention inside its blocks) with its weight bits (``act_bits``);
   prefix and suffix layers follow their bits the same way. ``mp.acts=fixed`` leaves every
@@ -36,7 +37,8 @@ from torch import nn
 
 from packptq.config import ConfigError, typed
 from packptq.mp import sensitivity
-from packptq.mp.accounting import act_count, bit_accounting, bits_json, weight_count, weight_counts
+from packptq.mp.accounting import (act_count, bit_accounting, bits_json, quantized_layers, weight_count,
+                                   weight_counts)
 from packptq.mp.allocators import Allocation, allocate, check_feasible, omega_costs, uniform_budget
 from packptq.mp.config import (ALLOCATORS, BITS_FILE, SENSITIVITY_FILE, MPConfig, act_bits, boundary_bits,
                                resolve_candidates)
@@ -107,8 +109,10 @@ class MixedPrecision:
     def check_feasible(self, model: nn.Module, split) -> Tuple[float, float]:
         """Raise ConfigError when ``mp.avg_bits`` is outside the reachable range of ``model``
         (the unquantized model and its ``split``); return that range (bits per weight)."""
-        blocks, pre, suf = weight_counts(split)
-        self.feasible = check_feasible(self.cfg, self.w_bits, blocks, pre, suf)
+        blocks, _, _ = weight_counts(split)
+        pre, suf, rest = (weight_count(g) for g in self._boundary([m for _, m in split.prefix.submodules()],
+                                                                   [m for _, m in split.suffix.submodules()]))
+        self.feasible = check_feasible(self.cfg, self.w_bits, blocks, pre, suf, rest)
         lo, hi = self.feasible
         log.info(f"mp={self.cfg.policy}: candidates {list(self.candidates)}, prefix/suffix at "
                  f"{self.prefix_bits}/{self.suffix_bits} bits, reachable average [{lo:.4f}, {hi:.4f}] "
@@ -134,16 +138,15 @@ class MixedPrecision:
         pack_names = [[names[b] for b in p] for p in groups]
         layers = qmodel.get_submodule
         sizes = [weight_count([layers(n) for b in p for n in twins.block_layers[b]]) for p in groups]
-        pre_w = weight_count([layers(n) for n in twins.prefix_layers])
-        suf_w = weight_count([layers(n) for n in twins.suffix_layers])
+        edge_pre, edge_suf, rest = self._boundary([layers(n) for n in twins.prefix_layers],
+                                                  [layers(n) for n in twins.suffix_layers])
+        pre_w, suf_w = weight_count(edge_pre), weight_count(edge_suf)
         omega = None
         if block_omega is not None:
             reduce = (lambda v: sum(v) / len(v)) if self.allocator.pack_omega == "mean" else sum
             omega = [float(reduce([block_omega[b] for b in p])) for p in groups]
         q_blocks = [m for _, m in qsplit.blocks]
-        acts = ([act_count([q_blocks[b] for b in p]) for p in groups],
-                act_count([layers(n) for n in twins.prefix_layers]),
-                act_count([layers(n) for n in twins.suffix_layers]))
+        acts = ([act_count([q_blocks[b] for b in p]) for p in groups], act_count(edge_pre), act_count(edge_suf))
         source = self.allocator.cost_source(self.cfg)
         cost = None
         if source == "kl":
@@ -156,12 +159,13 @@ class MixedPrecision:
         if cost is not None:  # allocate reads cost[pack][bits]
             cost = [dict(zip(self.candidates, map(float, row))) for row in cost]
         alloc = allocate(self.cfg, self.w_bits, sizes, cost=cost, omega=omega,
-                         prefix_weights=pre_w, suffix_weights=suf_w, acts=acts, a_target=self.a_bits)
+                         prefix_weights=pre_w, suffix_weights=suf_w, acts=acts, a_target=self.a_bits,
+                         rest=(weight_count(rest), act_count(rest)))
         acts = act_bits(self.cfg, self.w_bits, self.a_bits, alloc.bits)
         for p, w in zip(groups, alloc.bits):
             sensitivity.set_group_bits([q_blocks[b] for b in p], w, self._acts(w))
-        for layer_names, w in ((twins.prefix_layers, alloc.prefix_bits), (twins.suffix_layers, alloc.suffix_bits)):
-            sensitivity.set_group_bits([layers(n) for n in layer_names], w, self._acts(w))
+        for group, w in ((edge_pre, alloc.prefix_bits), (edge_suf, alloc.suffix_bits), (rest, self.w_bits)):
+            sensitivity.set_group_bits(group, w, self._acts(w))
         ctx.rd.record(BITS_FILE, bits_json(pack_names, alloc, acts))
         self.allocation, self.act_bits = alloc, acts
         log.info("%s", alloc.describe())
@@ -170,6 +174,14 @@ class MixedPrecision:
             log.warning("%d quantized weights are outside the prefix, blocks and suffix (never executed?); the "
                         "reported average counts them, bits.json does not", outside)
         return list(alloc.bits)
+
+    def _boundary(self, prefix: List[nn.Module], suffix: List[nn.Module]):
+        """(layers at the prefix bits, layers at the suffix bits, layers at the target bits) of the
+        modules outside the blocks, in module order, under the allocator's ``boundary``."""
+        if self.allocator.boundary == "units":
+            return prefix, suffix, []
+        pre, suf = quantized_layers(prefix), quantized_layers(suffix)
+        return pre[:1], suf[-1:], pre[1:] + suf[:-1]
 
     def _table_record(self, kind: str, pack_names, table: np.ndarray) -> dict:
         return {"kind": kind, "acts": self.cfg.acts, "candidates": list(self.candidates),
