@@ -6,7 +6,7 @@
 #   1. recon.w_lr on the validation split: 1e-3, 3e-3, 1e-2, 3e-2, 1e-1 for BRECQ and Pack-PTQ on both models
 #      and both bit settings, seed 0; the rate with the highest mean validation top-1 is kept
 #      (the test split plays no part in the choice);
-#   2. the table at that rate.
+#   2. the table at that rate, and the two Pack-PTQ profiles at W4A4 on resnet18.
 # Usage: bash experiments/run_cpu_methods.sh [OUT]   (default OUT: multirun/cpu_methods)
 # Reports: experiments/results/cpu_methods_lr (the choice) and experiments/results/cpu_methods (the table).
 set -euo pipefail
@@ -27,4 +27,7 @@ PY
 echo "[run_cpu_methods] recon.w_lr=$LR (highest mean validation top-1)"
 packptq -m "${COMMON[@]}" method=rtn,adaround,brecq,qdrop,packptq,packptq_official,packptq_mp \
   seed=0,1,2 recon.w_lr="$LR" hydra.sweep.dir="$OUT/table"
-packptq-report "$OUT/table" --out experiments/results/cpu_methods
+# the two Pack-PTQ profiles at W4A4 too (resnet18), for profile=official beside packptq's
+packptq -m experiment=cpu_methods model=resnet18 quant=w4a4 method=packptq,packptq_official seed=0,1,2 \
+  recon.w_lr="$LR" hydra.sweep.dir="$OUT/w4a4"
+packptq-report "$OUT/table" "$OUT/w4a4" --out experiments/results/cpu_methods

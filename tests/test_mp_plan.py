@@ -203,3 +203,31 @@ def test_mp_sweep_experiments_compose(experiment, case):
     assert OmegaConf.to_container(cfg.hydra.sweeper.params)["seed"]
     mp_plan = plan(cfg.mp, qcfg)
     assert (mp_plan is None) == (cfg.mp.policy == "none")
+
+
+def test_budget_pins_the_first_and_last_layer_only_as_a_uniform_run_does():
+    """MobileNetV2's suffix holds conv_head before the classifier: with mp=budget only the first
+    and the last layer take quant.first_last_bits, conv_head stays at the target, so the lowest
+    reachable average (every pack at the 2-bit target) is the uniform W2 model's own average."""
+    import copy
+
+    import timm
+    import torch
+
+    from packptq.mp.accounting import bit_accounting, quantized_layers
+    from packptq.quant import QuantConfig as QC, quantize_model
+    from packptq.zoo import split_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_050", num_classes=10, in_chans=1).eval()
+    split = split_model(model, "mobilenetv2")
+    suffix = quantized_layers([m for _, m in split.suffix.submodules()])
+    assert len(suffix) >= 2  # conv_head and the classifier
+    q = quantize_model(copy.deepcopy(model), QC(w_bits=2, a_bits=4), torch.randn(2, 1, 32, 32))
+    uniform = bit_accounting(q)["w_bits_avg"]
+    p = plan({"policy": "budget", "budget": "uniform"}, QC(w_bits=2, a_bits=4))
+    lo, hi = p.check_feasible(model, split)
+    assert lo == pytest.approx(uniform, abs=1e-9) and hi > lo
+    # the official rule keeps its own convention: the whole prefix and suffix at its high bits
+    off = plan({"policy": "official", "sensitivity": "omega"}, QC(w_bits=3, a_bits=3))
+    assert off.allocator.boundary == "units" and p.allocator.boundary == "edges"
