@@ -147,7 +147,7 @@ def soft_rounding(model: nn.Module):
 def offgrid(ctx: RunContext, model: nn.Module, data: EvalSet, fp_preds: torch.Tensor) -> dict:
     """The ``recon.eval_rounding=soft`` diagnostic: top-1 with soft rounding kept (the official
     Pack-PTQ code's evaluation), as results.json's ``offgrid`` entry; never the run's top-1."""
-    with soft_rounding(model) as n, torch.no_grad():
+    with soft_rounding(model) as n:
         m = run(ctx, model, data, fp_preds, phase="eval")
     log.info("off-grid diagnostic (soft rounding in %d weight quantizers, not a quantized model): top-1 %.2f%%",
              n, m.top1)
@@ -213,8 +213,7 @@ def table(r: dict) -> List[str]:
         ("RTN top-1 (init only)", f"{r['rtn_top1']:.2f}%"),
         ("quantized top-1", f"{r['quant_top1']:.2f}%  (agreement with FP {r['agreement']:.1f}%)"),
     ] + ([("off-grid top-1", f"{r['offgrid']['top1']:.2f}%  (diagnostic: soft rounding, not a quantized model)")]
-         if r.get("offgrid") else []) + [
-    ] + ([("validation top-1", f"FP {r['fp_val_top1']:.2f}%, RTN {r['rtn_val_top1']:.2f}%, quantized "
+         if r.get("offgrid") else []) + ([("validation top-1", f"FP {r['fp_val_top1']:.2f}%, RTN {r['rtn_val_top1']:.2f}%, quantized "
                                f"{r['val_top1']:.2f}% ({r['val_size']} training samples)")]
          if r.get("val_top1") is not None else []) + [
         ("avg weight / act bits", f"{r['w_bits_avg']:.3f} / {r['a_bits_avg'] if r['a_bits_avg'] is None else round(r['a_bits_avg'], 3)}"),

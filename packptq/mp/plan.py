@@ -177,7 +177,9 @@ class MixedPrecision:
 
     def _boundary(self, prefix: List[nn.Module], suffix: List[nn.Module]):
         """(layers at the prefix bits, layers at the suffix bits, layers at the target bits) of the
-        modules outside the blocks, in module order, under the allocator's ``boundary``."""
+        modules outside the blocks under the allocator's ``boundary``: ``edges`` takes the first
+        prefix layer and the last suffix layer in the order given (execution order for the
+        quantized model's ``Twins`` lists, module order for the unquantized split)."""
         if self.allocator.boundary == "units":
             return prefix, suffix, []
         pre, suf = quantized_layers(prefix), quantized_layers(suffix)

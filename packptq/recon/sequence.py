@@ -100,9 +100,9 @@ def _is_fp_param(key: str) -> bool:
         t in key for t in ("wq.", "aq.", "_quant.", "alpha", "scale", "zero_point", "initialized", "elems_per_sample"))
 
 
-#: the suffix of the float rounding variables a unit file keeps besides the hard decisions
-#: (``recon.eval_rounding=soft`` only: the off-grid diagnostic needs h(V), not just its sign)
-SOFT_SUFFIX = "alpha_soft"
+#: appended to an ``alpha`` key for the float rounding variables a unit file keeps besides the
+#: hard decisions (``recon.eval_rounding=soft`` only: the off-grid diagnostic needs V, not its sign)
+SOFT = "_soft"
 
 
 def unit_state(module: nn.Module, keep_soft: bool = False) -> dict:
@@ -115,7 +115,7 @@ def unit_state(module: nn.Module, keep_soft: bool = False) -> dict:
             continue
         out[k] = (v >= 0) if k.endswith("alpha") else v.detach().cpu()
         if keep_soft and k.endswith("alpha"):
-            out[k + SOFT_SUFFIX[len("alpha"):]] = v.detach().cpu().float()
+            out[k + SOFT] = v.detach().cpu().float()
     return out
 
 
@@ -127,11 +127,12 @@ def load_unit_state(module: nn.Module, sd: dict) -> None:
         if hasattr(m, "init_adaround") and key in sd:
             m.alpha = nn.Parameter(torch.zeros(sd[key].shape), requires_grad=False)
             m.mode = "hard"
-    soft = {k[: -len(SOFT_SUFFIX)] + "alpha": v for k, v in sd.items() if k.endswith(SOFT_SUFFIX)}
-    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items() if not k.endswith(SOFT_SUFFIX)}
+    soft = {k[: -len(SOFT)]: v for k, v in sd.items() if k.endswith("alpha" + SOFT)}
+    sd = {k: (v.float() * 2 - 1 if k.endswith("alpha") else v) for k, v in sd.items()
+          if not k.endswith("alpha" + SOFT)}
     for k, v in soft.items():
-        if not torch.equal(v >= 0, sd[k] > 0):
-            raise ConfigError(f"unit artifact: {k}_soft disagrees with its hard rounding decisions; delete the file")
+        if k not in sd or not torch.equal(v >= 0, sd[k] > 0):
+            raise ConfigError(f"unit artifact: {k}{SOFT} disagrees with its hard rounding decisions; delete the file")
         sd[k] = v
     res = module.load_state_dict(sd, strict=False)
     if res.unexpected_keys or any(not _is_fp_param(k) for k in res.missing_keys):

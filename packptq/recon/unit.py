@@ -60,7 +60,7 @@ class ReconConfig:
     log_every: int = 50
     # the final evaluation's rounding: hard (on the quantization grid: the quantized model) |
     # soft (diagnostic only: AdaRound's soft h(V) kept at evaluation, weights off the grid, as the
-    # official Pack-PTQ code evaluates; reported as offgrid_top1 beside the on-grid top-1)
+    # official Pack-PTQ code evaluates; results.json's ``offgrid`` beside the on-grid top-1)
     eval_rounding: str = "hard"
     # at the start, a probe (1-2 s on the embedded resnet18) predicts each unit's wall time:
     # printed, and kept beside the measured time in unit_XX.json
